@@ -1,0 +1,1 @@
+"""Building, merging and verifying the student model that `server/` serves."""

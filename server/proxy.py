@@ -1,0 +1,214 @@
+"""Forward OpenAI-compatible requests to vLLM and relay the answers, streaming or not.
+
+Two duties beyond copying bytes: a client that goes away must close its upstream request (so
+vLLM aborts it and frees the slot), and every upstream failure must reach the client as an
+OpenAI-shaped error. The gateway runs on the same small box as vLLM, so per-event work is kept
+to a split on the SSE separator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import TypeVar
+
+import aiohttp
+from fastapi import Request, Response
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from server.errors import error_body, error_response, normalize_upstream_error
+from server.settings import Settings
+from server.sse import EventSplitter
+
+T = TypeVar("T")
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) plus those the gateway recomputes itself.
+_DROP_REQUEST_HEADERS = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+        "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
+    }
+)
+_DROP_RESPONSE_HEADERS = _DROP_REQUEST_HEADERS | {"content-encoding", "date", "server"}
+
+CLIENT_CLOSED_REQUEST = 499
+
+
+class ClientDisconnected(Exception):
+    """The downstream client went away before the answer was complete."""
+
+
+def create_upstream_session(settings: Settings) -> aiohttp.ClientSession:
+    """One pooled client for all upstream traffic, sized for hundreds of concurrent streams."""
+    connector = aiohttp.TCPConnector(
+        limit=settings.upstream_max_connections,
+        limit_per_host=0,
+        keepalive_timeout=60,
+        enable_cleanup_closed=True,
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=settings.upstream_connect_timeout_s,
+        sock_read=settings.upstream_read_timeout_s,
+    )
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+
+
+def forwardable_headers(headers: Mapping[str, str], drop: frozenset[str]) -> dict[str, str]:
+    return {name: value for name, value in headers.items() if name.lower() not in drop}
+
+
+class UpstreamProxy:
+    """The request path from the gateway to one vLLM server."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, ready_timeout_s: float = 2.0):
+        self._session = session
+        self.base_url = base_url
+        self._ready_timeout = aiohttp.ClientTimeout(total=ready_timeout_s)
+
+    async def forward(self, request: Request, path: str) -> Response:
+        """POST a JSON body to `path` upstream; relay the stream or the whole answer."""
+        body = await request.body()
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return error_response(400, f"request body is not valid JSON: {exc}")
+        if not isinstance(payload, dict):
+            return error_response(400, "request body must be a JSON object")
+        headers = forwardable_headers(request.headers, _DROP_REQUEST_HEADERS)
+        headers["accept-encoding"] = "identity"
+        headers["content-type"] = "application/json"
+        try:
+            upstream = await _unless_disconnected(
+                request, self._session.post(self.base_url + path, data=body, headers=headers)
+            )
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return upstream_failure(exc)
+        if upstream.status >= 400 or not payload.get("stream"):
+            return await self._whole_answer(request, upstream)
+        return RelayResponse(
+            self._relay(upstream),
+            status_code=upstream.status,
+            headers=forwardable_headers(upstream.headers, _DROP_RESPONSE_HEADERS),
+        )
+
+    async def get(self, path: str) -> Response:
+        """Forward a bodiless GET (e.g. /v1/models)."""
+        try:
+            async with self._session.get(self.base_url + path) as upstream:
+                content = await upstream.read()
+                return self._answer(upstream, content)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return upstream_failure(exc)
+
+    async def check_ready(self) -> str | None:
+        """None when the upstream answers its /health, else the reason it does not."""
+        try:
+            async with self._session.get(self.base_url + "/health", timeout=self._ready_timeout) as resp:
+                if resp.status == 200:
+                    return None
+                return f"upstream /health answered HTTP {resp.status}"
+        except aiohttp.ClientError as exc:
+            return f"upstream {self.base_url} unreachable: {exc}"
+        except asyncio.TimeoutError:
+            return f"upstream {self.base_url} did not answer /health in time"
+
+    async def _whole_answer(self, request: Request, upstream: aiohttp.ClientResponse) -> Response:
+        try:
+            content = await _unless_disconnected(request, upstream.read())
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return upstream_failure(exc)
+        finally:
+            # Closing an unfinished answer drops the connection, which makes vLLM abort it.
+            upstream.close()
+        return self._answer(upstream, content)
+
+    @staticmethod
+    def _answer(upstream: aiohttp.ClientResponse, content: bytes) -> Response:
+        if upstream.status >= 400:
+            body = normalize_upstream_error(upstream.status, content)
+            return Response(
+                json.dumps(body, ensure_ascii=False), upstream.status, media_type="application/json"
+            )
+        return Response(
+            content,
+            upstream.status,
+            headers=forwardable_headers(upstream.headers, _DROP_RESPONSE_HEADERS),
+        )
+
+    @staticmethod
+    async def _relay(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """Yield upstream SSE events one by one; on upstream failure end with an error event."""
+        splitter = EventSplitter()
+        try:
+            async for chunk in upstream.content.iter_any():
+                for event in splitter.feed(chunk):
+                    yield event
+            rest = splitter.flush()
+            if rest:
+                yield rest
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            yield _error_event(502, f"upstream stream broke off: {exc!r}")
+            yield b"data: [DONE]\n\n"
+        finally:
+            # Unread data means the client left early: closing the socket makes vLLM abort.
+            upstream.close()
+
+
+class RelayResponse(StreamingResponse):
+    """A stream that is cancelled the moment the client disconnects, even between events.
+
+    Starlette only watches for disconnects itself under ASGI spec < 2.4 and otherwise notices on
+    the next write, which could be minutes away while a request waits for its first token.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay = asyncio.ensure_future(self.stream_response(send))
+        watch = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (relay, watch):
+                task.cancel()
+            await asyncio.gather(relay, watch, return_exceptions=True)
+        if relay.done() and not relay.cancelled() and relay.exception() is not None:
+            raise relay.exception()  # type: ignore[misc]
+
+
+def upstream_failure(exc: BaseException) -> Response:
+    """504 on a timeout, 503 when nothing listens upstream, 502 when it broke mid-answer."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return error_response(504, "upstream did not answer in time")
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError):
+        return error_response(503, f"upstream unavailable: {exc}", headers={"Retry-After": "5"})
+    return error_response(502, f"upstream error: {exc!r}")
+
+
+def _error_event(status: int, message: str) -> bytes:
+    return b"data: " + json.dumps(error_body(status, message)).encode() + b"\n\n"
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable` unless the client disconnects first (then cancel it and raise)."""
+    work: asyncio.Future[T] = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    await asyncio.gather(work, return_exceptions=True)
+    raise ClientDisconnected

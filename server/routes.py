@@ -1,0 +1,58 @@
+"""The gateway's HTTP surface: one line per endpoint, the work is in `server/proxy.py`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from server.errors import error_response
+from server.proxy import UpstreamProxy
+from server.supervisor import VllmSupervisor
+
+
+def get_proxy(request: Request) -> UpstreamProxy:
+    return request.app.state.proxy
+
+
+def get_supervisor(request: Request) -> VllmSupervisor | None:
+    return request.app.state.supervisor
+
+
+ProxyDep = Annotated[UpstreamProxy, Depends(get_proxy)]
+SupervisorDep = Annotated[VllmSupervisor | None, Depends(get_supervisor)]
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, proxy: ProxyDep) -> Response:
+    return await proxy.forward(request, "/v1/chat/completions")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, proxy: ProxyDep) -> Response:
+    return await proxy.forward(request, "/v1/completions")
+
+
+@router.get("/v1/models")
+async def models(proxy: ProxyDep) -> Response:
+    return await proxy.get("/v1/models")
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """The gateway process is alive (says nothing about vLLM: see /ready)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", response_model=None)
+async def ready(proxy: ProxyDep, supervisor: SupervisorDep) -> Response | dict[str, str]:
+    """200 when the upstream answers its /health, else 503 with the reason."""
+    reason = await proxy.check_ready()
+    if reason is None:
+        return {"status": "ready", "upstream": proxy.base_url}
+    if supervisor is not None:
+        state, detail = supervisor.status()
+        reason = f"{reason} (vLLM {state}: {detail})"
+    return error_response(503, reason, headers={"Retry-After": "5"})

@@ -1,0 +1,166 @@
+"""`student serve`: start vLLM (or front one), wait for it, then run the gateway until stopped.
+
+The vLLM child outlives every request and must die with this process, whatever stops it:
+Ctrl-C, SIGTERM, a start-up failure or a port clash. So the supervisor wraps the whole run
+here, around uvicorn, rather than living inside the app's lifespan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from server.app import create_app
+from server.settings import Settings
+from server.supervisor import VllmStartError, VllmSupervisor
+
+# Flag name -> Settings field, for the flags a user actually passed.
+_FLAG_FIELDS = {
+    "model": "model_dir",
+    "host": "host",
+    "port": "port",
+    "vllm_port": "vllm_port",
+    "upstream": "upstream_url",
+    "served_model_name": "served_model_name",
+    "device": "device",
+    "dtype": "dtype",
+    "max_model_len": "max_model_len",
+    "max_num_seqs": "max_num_seqs",
+    "kv_cache_gib": "kv_cache_gib",
+    "vllm_arg": "vllm_extra_args",
+    "access_log": "access_log",
+}
+
+
+class ServeError(Exception):
+    """A problem the user can fix (bad flag, busy port, missing model): printed, exit 1."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, help="merged student directory (default: the demo student)")
+    parser.add_argument("--host", help="gateway address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="gateway port (default 8000)")
+    parser.add_argument("--vllm-port", type=int, help="port of the vLLM child (default 8001)")
+    parser.add_argument("--upstream", metavar="URL", help="front an already running vLLM instead of starting one")
+    parser.add_argument("--served-model-name", help="model name clients send (default 'student')")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], help="default: gpu if nvidia-smi exists")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--max-model-len", type=int, help="context length in tokens (default 2048)")
+    parser.add_argument("--max-num-seqs", type=int, help="most sequences vLLM runs at once (default 64)")
+    parser.add_argument("--kv-cache-gib", type=float, help="CPU only: KV cache size in GiB (default 2)")
+    parser.add_argument("--vllm-arg", action="append", help="extra argument for vLLM (repeatable)")
+    parser.add_argument("--access-log", action="store_true", default=None, help="log every request line")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Environment (`STUDENT_*`) first, then the flags the user passed."""
+    overrides = {
+        field: getattr(args, flag)
+        for flag, field in _FLAG_FIELDS.items()
+        if getattr(args, flag, None) is not None
+    }
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise ServeError(f"invalid settings: {problems}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+        return serve(settings)
+    except ServeError as exc:
+        print(f"student serve: {exc}", file=sys.stderr)
+        return 1
+
+
+def serve(settings: Settings) -> int:
+    """Run until interrupted; returns the process exit code."""
+    _require_free_port(settings.host, settings.port, "gateway")
+    supervisor = None
+    if settings.manages_vllm:
+        _require_free_port(settings.vllm_host, settings.vllm_port, "vLLM")
+        supervisor = VllmSupervisor(settings, _model_dir(settings))
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    started = time.monotonic()
+    try:
+        if supervisor is not None:
+            supervisor.start()
+            waited_s = supervisor.wait_ready()
+            _say(f"vLLM ready in {waited_s:.1f} s at {settings.upstream_base_url}")
+        _print_usage(settings, time.monotonic() - started)
+        server = uvicorn.Server(_uvicorn_config(settings, supervisor))
+        server.run()
+        return 0 if server.started else 1
+    except VllmStartError as exc:
+        print(f"student serve: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if supervisor is not None:
+            _say("stopping vLLM")
+            supervisor.stop()
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _uvicorn_config(settings: Settings, supervisor: VllmSupervisor | None) -> uvicorn.Config:
+    return uvicorn.Config(
+        create_app(settings, supervisor),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=5,
+        log_level="info",
+    )
+
+
+def _model_dir(settings: Settings) -> Path:
+    if settings.model_dir is None:
+        from models.demo import ensure_demo_student
+
+        _say(f"no --model given: using the demo student (cache {settings.cache_dir})")
+        return ensure_demo_student(settings.cache_dir)
+    model_dir = settings.model_dir.expanduser().resolve()
+    if not (model_dir / "config.json").is_file():
+        raise ServeError(f"{model_dir} is not a model directory (no config.json); pass a merged student")
+    return model_dir
+
+
+def _require_free_port(host: str, port: int, role: str) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ServeError(f"cannot use {host}:{port} for the {role}: {exc.strerror}") from None
+
+
+def _print_usage(settings: Settings, startup_s: float) -> None:
+    url = f"http://{settings.host}:{settings.port}/v1"
+    _say(
+        f"stack up in {startup_s:.1f} s. OpenAI-compatible API: {url} (model '{settings.served_model_name}')\n"
+        f"  try: curl -N {url}/chat/completions -H 'Content-Type: application/json' -d "
+        f"'{{\"model\": \"{settings.served_model_name}\", \"stream\": true, "
+        f"\"messages\": [{{\"role\": \"user\", \"content\": \"Đơn hàng của tôi đang ở đâu?\"}}]}}'\n"
+        f"  or:  OpenAI(base_url=\"{url}\", api_key=\"unused\")   health: /health  ready: /ready"
+    )
+
+
+def _say(message: str) -> None:
+    print(f"[student] {message}", file=sys.stderr, flush=True)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,86 @@
+"""The one settings object of a `student serve` process: read once at start-up, then passed in.
+
+Values come from `STUDENT_*` environment variables, overridden by command-line flags.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "gpu"]
+
+
+def default_cache_dir() -> Path:
+    """Where built artefacts (the demo student) are kept between runs."""
+    return Path.home() / ".cache" / "student-serve"
+
+
+class Settings(BaseSettings):
+    """Everything `student serve` needs to run the gateway and (optionally) its vLLM child."""
+
+    model_config = SettingsConfigDict(env_prefix="STUDENT_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    model_dir: Path | None = None
+    served_model_name: str = "student"
+    upstream_url: str | None = None
+
+    vllm_host: str = "127.0.0.1"
+    vllm_port: int = Field(8001, ge=1, le=65535)
+    device: Device = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int = Field(2048, ge=16)
+    max_num_seqs: int = Field(64, ge=1)
+    kv_cache_gib: float = Field(2.0, gt=0, description="CPU only: VLLM_CPU_KVCACHE_SPACE, GiB")
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
+    vllm_extra_args: list[str] = Field(default_factory=list)
+    vllm_start_timeout_s: float = Field(600.0, gt=0)
+    vllm_stop_timeout_s: float = Field(20.0, gt=0)
+
+    upstream_connect_timeout_s: float = Field(10.0, gt=0)
+    upstream_read_timeout_s: float = Field(600.0, gt=0, description="longest silence between bytes")
+    upstream_max_connections: int = Field(4096, ge=1)
+    ready_timeout_s: float = Field(2.0, gt=0)
+
+    access_log: bool = False
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _upstream_is_http(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"upstream URL must look like http://host:port, got {url!r}")
+        return url.rstrip("/").removesuffix("/v1")
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Settings:
+        if self.upstream_url is None and self.port == self.vllm_port and self.host == self.vllm_host:
+            raise ValueError(f"gateway and vLLM cannot both listen on {self.host}:{self.port}")
+        return self
+
+    @property
+    def upstream_base_url(self) -> str:
+        """Root URL of the vLLM server the gateway forwards to (no trailing /v1)."""
+        return self.upstream_url or f"http://{self.vllm_host}:{self.vllm_port}"
+
+    @property
+    def manages_vllm(self) -> bool:
+        """True when `student serve` starts vLLM itself rather than fronting `--upstream`."""
+        return self.upstream_url is None
+
+    def resolved_device(self) -> Literal["cpu", "gpu"]:
+        """`auto` means GPU when an NVIDIA driver is visible (nvidia-smi on PATH)."""
+        if self.device != "auto":
+            return self.device
+        return "gpu" if shutil.which("nvidia-smi") else "cpu"

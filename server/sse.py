@@ -1,0 +1,51 @@
+"""Split a server-sent-events byte stream into whole events, as the bytes arrive.
+
+TCP delivers vLLM's stream in arbitrary pieces; the gateway relays it one complete event at a
+time (never holding back a finished event), so that telemetry can look at events, not bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+_SEPARATORS = (b"\n\n", b"\r\n\r\n")
+
+
+class EventSplitter:
+    """Feed it chunks; it yields each complete event (separator included) as soon as it is whole."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        data = self._pending + chunk if self._pending else chunk
+        start = 0
+        while True:
+            end = _event_end(data, start)
+            if end < 0:
+                break
+            yield data[start:end]
+            start = end
+        self._pending = data[start:]
+
+    def flush(self) -> bytes:
+        """Whatever trailing bytes never ended in a separator (empty for a well-formed stream)."""
+        rest, self._pending = self._pending, b""
+        return rest
+
+
+def _event_end(data: bytes, start: int) -> int:
+    """Index just past the first event separator at or after `start`, or -1."""
+    best = -1
+    for separator in _SEPARATORS:
+        index = data.find(separator, start)
+        if index >= 0 and (best < 0 or index + len(separator) < best):
+            best = index + len(separator)
+    return best
+
+
+def is_done_event(event: bytes) -> bool:
+    """True for the OpenAI end-of-stream marker `data: [DONE]`."""
+    return event.strip() == b"data: [DONE]"

@@ -1,0 +1,46 @@
+"""Session-wide real parts: a tiny locally built model and one running stack (vLLM + gateway)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import Stack, start_stack
+
+TOKENIZER_TEXTS = [
+    "Xin chào, tôi muốn hỏi về đơn hàng của tôi.",
+    "Chính sách đổi trả trong vòng 30 ngày, sản phẩm còn nguyên seal.",
+    "Cửa hàng hỗ trợ thanh toán khi nhận hàng, chuyển khoản và ví điện tử.",
+    "Mã giảm giá áp dụng cho đơn từ 500.000đ. Bảo hành 12 tháng.",
+    "Hello, where is my order? The quick brown fox jumps over the lazy dog.",
+]
+# Small enough to start fast; max_num_seqs=2 lets a test fill every slot and queue a third request.
+STACK_ARGS = ["--max-model-len", "1024", "--kv-cache-gib", "1", "--max-num-seqs", "2", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight Llama (head_dim 64) with a locally trained tokenizer: seconds to build."""
+    from models.tiny import build_random_llama
+    from models.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(TOKENIZER_TEXTS * 20, vocab_size=400)
+    return build_random_llama(tokenizer, tmp_path_factory.mktemp("tiny-model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """`student serve` on the tiny model: the real vLLM child and the real gateway over HTTP."""
+    running = start_stack(
+        ["--model", str(tiny_model_dir), *STACK_ARGS], tmp_path_factory.mktemp("stack") / "serve.log"
+    )
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        try:
+            running.stop()
+        finally:
+            running.kill_all()

@@ -1,0 +1,181 @@
+"""The request path end to end: gateway → real vLLM (tiny model), over real HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+
+import openai
+import pytest
+
+from tests.support import Stack, http_get, post_json, vllm_gauge, wait_for
+
+CHAT = {
+    "model": "student",
+    "messages": [{"role": "user", "content": "Đơn hàng của tôi đang ở đâu?"}],
+    "max_tokens": 24,
+    "temperature": 0,
+    "seed": 7,
+}
+COMPLETION = {"model": "student", "prompt": "Chính sách đổi trả", "max_tokens": 24, "temperature": 0, "seed": 7}
+# Long enough (ignore_eos) that the request is still running when the test disconnects.
+LONG = {"max_tokens": 900, "ignore_eos": True, "temperature": 0}
+PATHS = {"chat": ("/v1/chat/completions", CHAT), "completions": ("/v1/completions", COMPLETION)}
+
+
+def stream_events(port: int, path: str, body: dict) -> list[bytes]:
+    """POST with stream=true and return each SSE event's data payload, in order."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    connection.request("POST", path, json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200, response.read()
+    assert response.getheader("content-type", "").startswith("text/event-stream")
+    events = [part for part in response.read().split(b"\n\n") if part.strip()]
+    connection.close()
+    return [event.removeprefix(b"data: ") for event in events]
+
+
+def streamed_text(events: list[bytes]) -> str:
+    text = []
+    for data in events:
+        if data == b"[DONE]":
+            continue
+        choice = json.loads(data)["choices"][0]
+        text.append(choice.get("text") or choice.get("delta", {}).get("content") or "")
+    return "".join(text)
+
+
+def answer_text(answer: dict) -> str:
+    choice = answer["choices"][0]
+    return choice["text"] if "text" in choice else choice["message"]["content"]
+
+
+def open_raw_request(port: int, path: str, body: dict) -> socket.socket:
+    """Send a request on a bare socket, so the test decides exactly when the client vanishes."""
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    head = f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    sock.sendall(head.encode() + payload)
+    return sock
+
+
+def read_until_events(sock: socket.socket, count: int) -> bytes:
+    received = b""
+    while received.count(b"data: ") < count:
+        chunk = sock.recv(65536)
+        assert chunk, f"stream ended early: {received[-500:]!r}"
+        received += chunk
+    return received
+
+
+def assert_idle_soon(stack: Stack, timeout_s: float = 3.0) -> None:
+    idle = wait_for(
+        lambda: vllm_gauge(stack.vllm_url, "vllm:num_requests_running") == 0
+        and vllm_gauge(stack.vllm_url, "vllm:num_requests_waiting") == 0,
+        timeout_s,
+    )
+    assert idle, "vLLM still holds the request after the client disconnected"
+
+
+@pytest.mark.parametrize("kind", PATHS)
+def test_non_streaming_answer_equals_vllm_direct(stack: Stack, kind: str) -> None:
+    path, body = PATHS[kind]
+    via_gateway = post_json(stack.url + path, body)
+    direct = post_json(stack.vllm_url + path, body)
+    assert via_gateway[0] == direct[0] == 200
+    assert answer_text(via_gateway[1]) == answer_text(direct[1])
+    assert answer_text(via_gateway[1])
+    assert via_gateway[1]["usage"] == direct[1]["usage"]
+
+
+@pytest.mark.parametrize("kind", PATHS)
+def test_stream_equals_vllm_direct_event_for_event(stack: Stack, kind: str) -> None:
+    path, body = PATHS[kind]
+    via_gateway = stream_events(stack.port, path, body)
+    direct = stream_events(stack.vllm_port, path, body)
+    assert len(via_gateway) == len(direct) > 3
+    assert via_gateway[-1] == b"[DONE]"
+    assert streamed_text(via_gateway) == streamed_text(direct) != ""
+
+
+def test_official_openai_client_streams_a_chat(stack: Stack) -> None:
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="student", messages=CHAT["messages"], max_tokens=24, temperature=0, seed=7, stream=True
+    )
+    chunks = [chunk for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 3
+    assert text == streamed_text(stream_events(stack.vllm_port, *PATHS["chat"]))
+
+
+def test_models_lists_the_served_model(stack: Stack) -> None:
+    status, body = http_get(f"{stack.url}/v1/models")
+    assert status == 200
+    assert [model["id"] for model in json.loads(body)["data"]] == ["student"]
+
+
+def test_disconnect_mid_stream_aborts_the_vllm_request(stack: Stack) -> None:
+    sock = open_raw_request(stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True})
+    read_until_events(sock, 3)
+    assert vllm_gauge(stack.vllm_url, "vllm:num_requests_running") == 1
+    sock.close()
+    assert_idle_soon(stack)
+
+
+def test_disconnect_before_first_token_aborts_the_queued_request(stack: Stack) -> None:
+    # The stack runs at most 2 sequences: fill both, so the third waits for its first token.
+    busy = [open_raw_request(stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True}) for _ in range(2)]
+    for sock in busy:
+        read_until_events(sock, 1)
+    queued = open_raw_request(stack.port, "/v1/chat/completions", {**CHAT, **LONG, "stream": True})
+    assert wait_for(lambda: vllm_gauge(stack.vllm_url, "vllm:num_requests_waiting") == 1, 10)
+    queued.close()
+    assert wait_for(lambda: vllm_gauge(stack.vllm_url, "vllm:num_requests_waiting") == 0, 3)
+    assert vllm_gauge(stack.vllm_url, "vllm:num_requests_running") == 2
+    for sock in busy:
+        sock.close()
+    assert_idle_soon(stack)
+
+
+def test_disconnect_from_a_non_streaming_request_aborts_it(stack: Stack) -> None:
+    sock = open_raw_request(stack.port, "/v1/chat/completions", {**CHAT, **LONG})
+    assert wait_for(lambda: vllm_gauge(stack.vllm_url, "vllm:num_requests_running") == 1, 10)
+    sock.close()
+    assert_idle_soon(stack)
+
+
+def test_upstream_client_error_keeps_its_status_and_openai_shape(stack: Stack) -> None:
+    status, body = post_json(f"{stack.url}/v1/chat/completions", {**CHAT, "model": "no-such-model"})
+    assert status == 404
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert "no-such-model" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("payload", [b"{not json", b"[1, 2]", "\udcff".encode("utf-8", "surrogatepass")])
+def test_malformed_body_is_a_400_not_forwarded(stack: Stack, payload: bytes) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10)
+    connection.request("POST", "/v1/chat/completions", payload, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    body = json.loads(response.read())
+    assert response.status == 400
+    assert body["error"]["type"] == "invalid_request_error"
+
+
+def test_hop_by_hop_and_encoding_headers_are_not_relayed(stack: Stack) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=60)
+    connection.request(
+        "POST",
+        "/v1/completions",
+        json.dumps(COMPLETION),
+        {"Content-Type": "application/json", "Accept-Encoding": "gzip", "Connection": "keep-alive"},
+    )
+    response = connection.getresponse()
+    body = response.read()
+    headers = [name.lower() for name, _ in response.getheaders()]
+    assert response.status == 200
+    assert "content-encoding" not in headers
+    assert headers.count("server") <= 1 and headers.count("date") <= 1
+    assert int(response.getheader("content-length")) == len(body)
+    json.loads(body)

@@ -1,0 +1,142 @@
+"""Helpers for tests that run the real stack: ports, processes, vLLM's own metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+STUDENT = str(Path(sys.executable).with_name("student"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def post_json(url: str, body: dict, timeout_s: float = 120.0) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def vllm_gauge(vllm_url: str, name: str) -> float:
+    """Sum of a vLLM Prometheus gauge, e.g. `vllm:num_requests_running`."""
+    _, text = http_get(f"{vllm_url}/metrics")
+    pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
+    values = [float(v) for v in pattern.findall(text.decode())]
+    if not values:
+        raise AssertionError(f"{name} not in vLLM metrics")
+    return sum(values)
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:
+    """Poll `predicate` until true or `timeout_s` passes; returns its last verdict."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)
+
+
+@dataclass
+class Stack:
+    """A `student serve` process started by a test, with its ports and log."""
+
+    process: subprocess.Popen
+    log_path: Path
+    port: int
+    vllm_port: int
+    descendants: list[psutil.Process] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def vllm_url(self) -> str:
+        return f"http://127.0.0.1:{self.vllm_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float = 420.0) -> None:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"student serve exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            return http_get(f"{self.url}/ready", timeout_s=2)[0] == 200 if _listening(self.port) else False
+
+        if not wait_for(ready, timeout_s, interval_s=0.5):
+            raise AssertionError(f"stack not ready in {timeout_s} s:\n{self.log()[-4000:]}")
+        self.descendants = psutil.Process(self.process.pid).children(recursive=True)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            raise
+
+    def alive_descendants(self) -> list[psutil.Process]:
+        alive = []
+        for proc in self.descendants:
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    def kill_all(self) -> None:
+        for proc in [*self.alive_descendants()]:
+            proc.kill()
+        if self.process.poll() is None:
+            self.process.kill()
+
+
+def start_stack(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Stack:
+    """Start `student serve ARGS` on free ports; call `wait_ready()` before use."""
+    port, vllm_port = free_port(), free_port()
+    log = log_path.open("w")
+    process = subprocess.Popen(
+        [STUDENT, "serve", "--port", str(port), "--vllm-port", str(vllm_port), *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    return Stack(process, log_path, port, vllm_port)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
