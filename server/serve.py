@@ -40,6 +40,10 @@ _FLAG_FIELDS = {
 }
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived: a requested, orderly shutdown (exit code 0)."""
+
+
 class ServeError(Exception):
     """A problem the user can fix (bad flag, busy port, missing model): printed, exit 1."""
 
@@ -90,7 +94,7 @@ def serve(settings: Settings) -> int:
     if settings.manages_vllm:
         _require_free_port(settings.vllm_host, settings.vllm_port, "vLLM")
         supervisor = VllmSupervisor(settings, _model_dir(settings))
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     started = time.monotonic()
     try:
         if supervisor is not None:
@@ -104,6 +108,8 @@ def serve(settings: Settings) -> int:
     except VllmStartError as exc:
         print(f"student serve: {exc}", file=sys.stderr)
         return 1
+    except _Terminated:
+        return 0
     except KeyboardInterrupt:
         return 130
     finally:
@@ -162,5 +168,5 @@ def _say(message: str) -> None:
     print(f"[student] {message}", file=sys.stderr, flush=True)
 
 
-def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated

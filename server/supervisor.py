@@ -194,6 +194,9 @@ class VllmSupervisor:
             line = line.rstrip("\n")
             self._tail.append(line)
             self._write(LOG_PREFIX + line)
+        code = self._process.wait()
+        if not self._stopping:
+            self._write(f"{LOG_PREFIX}exited unexpectedly with code {code}; requests get 503 until restarted")
 
     def _join_logs(self) -> None:
         if self._log_thread is not None:
