@@ -45,7 +45,3 @@ def _event_end(data: bytes, start: int) -> int:
             best = index + len(separator)
     return best
 
-
-def is_done_event(event: bytes) -> bool:
-    """True for the OpenAI end-of-stream marker `data: [DONE]`."""
-    return event.strip() == b"data: [DONE]"
