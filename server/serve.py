@@ -134,10 +134,13 @@ def _uvicorn_config(settings: Settings, supervisor: VllmSupervisor | None) -> uv
 
 def _model_dir(settings: Settings) -> Path:
     if settings.model_dir is None:
-        from models.demo import ensure_demo_student
+        from models.demo import DemoError, ensure_demo_student
 
         _say(f"no --model given: using the demo student (cache {settings.cache_dir})")
-        return ensure_demo_student(settings.cache_dir)
+        try:
+            return ensure_demo_student(settings.cache_dir)
+        except (DemoError, OSError) as exc:
+            raise ServeError(f"could not build the demo student: {exc}") from None
     model_dir = settings.model_dir.expanduser().resolve()
     if not (model_dir / "config.json").is_file():
         raise ServeError(f"{model_dir} is not a model directory (no config.json); pass a merged student")

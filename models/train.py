@@ -1,0 +1,350 @@
+"""A small, deterministic causal-LM trainer for chat "messages" data on the CPU.
+
+It is shared by the demo student build (base pretraining and LoRA training) and by anything that
+fine-tunes a student on chat JSONL. It works on any transformers causal LM (a peft-wrapped one
+too): only parameters with `requires_grad` are optimised, so LoRA training is just "pass the
+PeftModel".
+
+Loss masking: the chat template is rendered once for the whole conversation; each assistant turn's
+character span is located by rendering the conversation up to that turn (with and without the
+turn), and tokens starting inside a span are labelled, everything else gets -100. The span includes
+the template's end-of-turn marker, so the model learns to stop. This needs no `{% generation %}`
+markers in the template, only that a rendered prefix of the conversation is a prefix of the full
+rendering, which holds for ChatML, Llama and Qwen templates.
+
+Determinism: the data order comes from a seeded `torch.Generator`, the weights' random state from
+`torch.manual_seed`, and `torch.use_deterministic_algorithms(True)` is on during training. Matmul
+reductions on the CPU still depend on the number of intra-op threads, so callers that need
+bit-identical weights across runs must also fix `torch.set_num_threads` (the demo builder does).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+
+Progress = Callable[[str], None]
+LossOn = Literal["assistant", "all"]
+
+
+class DatasetError(ValueError):
+    """A chat JSONL file or sample that cannot be used for training; the message says why."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or went wrong (e.g. no tokens to learn from, loss became NaN)."""
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatSample:
+    """One conversation; `topic` is optional metadata carried through from the JSONL."""
+
+    messages: tuple[Message, ...]
+    topic: str | None = None
+
+    def as_dicts(self) -> list[dict[str, str]]:
+        """The `messages` list in the shape chat templates and OpenAI-style APIs expect."""
+        return [{"role": message.role, "content": message.content} for message in self.messages]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters; `steps` are optimiser steps, `epochs` passes over the samples.
+
+    Exactly one of `steps` and `epochs` is used: `steps` wins when both are set. The learning rate
+    warms up linearly over `warmup_steps`, then decays on a cosine to `min_lr_ratio` of its peak.
+    `max_length` is in tokens; longer conversations are cut on the right.
+    """
+
+    steps: int | None = None
+    epochs: float | None = 1.0
+    learning_rate: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+    max_length: int = 256
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    log_every: int = 20
+    loss_on: LossOn = "assistant"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Losses are mean token cross-entropy (nats); `final_loss` averages the last logging window."""
+
+    steps: int
+    first_loss: float
+    final_loss: float
+    mean_loss: float
+    samples: int
+    tokens_per_step: float
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+
+def stderr_progress(prefix: str) -> Progress:
+    """A progress callback printing `[prefix] message` lines to stderr."""
+
+    def report(message: str) -> None:
+        print(f"[{prefix}] {message}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def parse_chat_sample(row: object, where: str) -> ChatSample:
+    """Validate one decoded JSONL row; `where` (e.g. "data.jsonl line 3") goes into errors."""
+    if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+        raise DatasetError(f"{where}: expected an object with a \"messages\" list")
+    messages = []
+    for index, message in enumerate(row["messages"]):
+        if not isinstance(message, dict):
+            raise DatasetError(f"{where}: message {index} is not an object")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DatasetError(f"{where}: message {index} has role {role!r}; expected one of {ROLES}")
+        if not isinstance(content, str):
+            raise DatasetError(f"{where}: message {index} has no text \"content\"")
+        messages.append(Message(role, content))
+    if not messages:
+        raise DatasetError(f"{where}: \"messages\" is empty")
+    topic = row.get("topic")
+    return ChatSample(tuple(messages), topic if isinstance(topic, str) else None)
+
+
+def load_chat_jsonl(path: Path) -> list[ChatSample]:
+    """Read a chat JSONL file (one `{"messages": [...], ...}` object per non-blank line)."""
+    if not path.is_file():
+        raise DatasetError(f"dataset file {path} does not exist")
+    samples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DatasetError(f"{path.name} line {number}: not valid JSON ({error.msg})") from None
+        samples.append(parse_chat_sample(row, f"{path.name} line {number}"))
+    if not samples:
+        raise DatasetError(f"dataset file {path} has no samples")
+    return samples
+
+
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool
+) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(
+    tokenizer: PreTrainedTokenizerBase, sample: ChatSample
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans [start, end) of its assistant turns."""
+    messages = sample.as_dicts()
+    text = _render(tokenizer, messages, generation_prompt=False)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:index], generation_prompt=True)
+        through = _render(tokenizer, messages[: index + 1], generation_prompt=False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise TrainingError(
+                "the tokenizer's chat template does not render conversations prefix by prefix, "
+                "so assistant turns cannot be located for loss masking"
+            )
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def encode_sample(
+    tokenizer: PreTrainedTokenizerBase, sample: ChatSample, max_length: int, loss_on: LossOn = "assistant"
+) -> EncodedSample:
+    """Token ids and labels (-100 outside the trained part), cut to `max_length` tokens."""
+    if not tokenizer.is_fast:
+        raise TrainingError("loss masking needs a fast (Rust) tokenizer: it maps tokens to characters")
+    text, spans = assistant_spans(tokenizer, sample)
+    encoding = tokenizer(
+        text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length
+    )
+    input_ids = encoding["input_ids"]
+    labels = []
+    for token_id, (start, _end) in zip(input_ids, encoding["offset_mapping"]):
+        trained = loss_on == "all" or any(span_start <= start < span_end for span_start, span_end in spans)
+        labels.append(token_id if trained else IGNORE_INDEX)
+    return EncodedSample(tuple(input_ids), tuple(labels))
+
+
+def encode_samples(
+    tokenizer: PreTrainedTokenizerBase, samples: Sequence[ChatSample], max_length: int, loss_on: LossOn
+) -> list[EncodedSample]:
+    """Encode all samples, dropping those with fewer than two tokens or no trained token."""
+    encoded = (encode_sample(tokenizer, sample, max_length, loss_on) for sample in samples)
+    kept = [
+        item
+        for item in encoded
+        if len(item.input_ids) > 1 and any(label != IGNORE_INDEX for label in item.labels[1:])
+    ]
+    if not kept:
+        raise TrainingError(
+            f"none of the {len(samples)} samples has an assistant token within {max_length} tokens"
+        )
+    return kept
+
+
+def collate(batch: Sequence[EncodedSample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: pad ids in `input_ids`, 0 in `attention_mask`, -100 in `labels`."""
+    width = max(len(item.input_ids) for item in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, item in enumerate(batch):
+        length = len(item.input_ids)
+        input_ids[row, :length] = torch.tensor(item.input_ids)
+        labels[row, :length] = torch.tensor(item.labels)
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def batch_order(sample_count: int, batch_size: int, steps: int, seed: int) -> Iterator[list[int]]:
+    """`steps` batches of indices: seeded reshuffle each epoch, no batch straddles two epochs."""
+    generator = torch.Generator().manual_seed(seed)
+    produced = 0
+    while produced < steps:
+        order = torch.randperm(sample_count, generator=generator).tolist()
+        for start in range(0, sample_count, batch_size):
+            if produced == steps:
+                return
+            yield order[start : start + batch_size]
+            produced += 1
+
+
+def total_steps(config: TrainConfig, sample_count: int) -> int:
+    """Optimiser steps implied by `config` for `sample_count` samples (at least one)."""
+    if config.steps is not None:
+        return max(1, config.steps)
+    if config.epochs is None:
+        raise TrainingError("set either steps or epochs")
+    return max(1, math.ceil(config.epochs * math.ceil(sample_count / config.batch_size)))
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier for 0-based `step`: linear warm-up then cosine decay."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """Turn on `torch.use_deterministic_algorithms` for the block, restoring the previous mode."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
+
+
+def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_token_id is None:
+        raise TrainingError("the tokenizer has neither a pad token nor an end-of-sequence token")
+    return pad_token_id
+
+
+def _optimiser(
+    parameters: list[torch.nn.Parameter], config: TrainConfig, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with the warm-up + cosine schedule of `lr_factor`."""
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps, config.warmup_steps, config.min_lr_ratio)
+    )
+    return optimizer, schedule
+
+
+def train_causal_lm(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    samples: Sequence[ChatSample],
+    config: TrainConfig,
+    progress: Progress = stderr_progress("train"),
+    phase: str = "training",
+) -> TrainResult:
+    """Train `model` in place with AdamW on `samples` and return its losses.
+
+    Progress lines look like "`phase` step 120/400 loss 2.31" every `config.log_every` steps.
+    """
+    started_s = time.monotonic()
+    encoded = encode_samples(tokenizer, samples, config.max_length, config.loss_on)
+    steps = total_steps(config, len(encoded))
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if not parameters:
+        raise TrainingError("the model has no trainable parameters")
+    pad_token_id = _pad_token_id(tokenizer)
+    torch.manual_seed(config.seed)
+    optimizer, schedule = _optimiser(parameters, config, steps)
+    losses: list[float] = []
+    tokens = 0
+    progress(f"{phase}: {len(encoded)} samples, {steps} steps of batch {config.batch_size}")
+    model.train()
+    with deterministic_algorithms():
+        order = batch_order(len(encoded), config.batch_size, steps, config.seed)
+        for step, indices in enumerate(order, start=1):
+            batch = collate([encoded[index] for index in indices], pad_token_id)
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"{phase}: loss became {loss.item()} at step {step}; lower the learning rate"
+                )
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            tokens += int(batch["attention_mask"].sum())
+            if step % config.log_every == 0 or step == steps:
+                window = losses[-config.log_every :]
+                progress(f"{phase} step {step}/{steps} loss {sum(window) / len(window):.2f}")
+    model.eval()
+    window = losses[-config.log_every :]
+    return TrainResult(
+        steps=steps,
+        first_loss=losses[0],
+        final_loss=sum(window) / len(window),
+        mean_loss=sum(losses) / len(losses),
+        samples=len(encoded),
+        tokens_per_step=tokens / steps,
+        elapsed_s=time.monotonic() - started_s,
+    )
