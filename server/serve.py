@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", help="model name clients send (default 'student')")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], help="default: gpu if nvidia-smi exists")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--max-model-len", type=int, help="context length in tokens (default 2048)")
+    parser.add_argument("--max-model-len", type=int, help="context length in tokens (default: the model's own)")
     parser.add_argument("--max-num-seqs", type=int, help="most sequences vLLM runs at once (default 64)")
     parser.add_argument("--kv-cache-gib", type=float, help="CPU only: KV cache size in GiB (default 2)")
     parser.add_argument("--vllm-arg", action="append", help="extra argument for vLLM (repeatable)")

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     vllm_port: int = Field(8001, ge=1, le=65535)
     device: Device = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_model_len: int = Field(2048, ge=16)
+    max_model_len: int | None = Field(None, ge=16, description="tokens; None: the model's own limit")
     max_num_seqs: int = Field(64, ge=1)
     kv_cache_gib: float = Field(2.0, gt=0, description="CPU only: VLLM_CPU_KVCACHE_SPACE, GiB")
     gpu_memory_utilization: float = Field(0.90, gt=0, le=1)

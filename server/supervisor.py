@@ -47,12 +47,12 @@ def vllm_command(settings: Settings, model_dir: Path) -> list[str]:
         str(settings.vllm_port),
         "--dtype",
         settings.dtype,
-        "--max-model-len",
-        str(settings.max_model_len),
         "--max-num-seqs",
         str(settings.max_num_seqs),
         "--disable-uvicorn-access-log",
     ]
+    if settings.max_model_len is not None:
+        command += ["--max-model-len", str(settings.max_model_len)]
     if settings.resolved_device() == "gpu":
         command += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
     return command + list(settings.vllm_extra_args)

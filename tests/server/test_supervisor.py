@@ -28,6 +28,10 @@ def test_command_carries_the_settings(tmp_path: Path) -> None:
     assert "--gpu-memory-utilization" not in command
 
 
+def test_context_length_is_the_models_own_unless_set(tmp_path: Path) -> None:
+    assert "--max-model-len" not in vllm_command(Settings(), tmp_path)
+
+
 def test_gpu_settings_use_gpu_memory_not_cpu_kv_cache(tmp_path: Path) -> None:
     settings = Settings(device="gpu", gpu_memory_utilization=0.8)
     command = vllm_command(settings, tmp_path)
@@ -70,7 +74,8 @@ def _processes_in_group(pgid: int) -> list[psutil.Process]:
 
 @pytest.mark.parametrize(("sig", "exit_code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_stopping_serve_leaves_no_vllm_process(tiny_model_dir: Path, tmp_path: Path, sig: int, exit_code: int) -> None:
-    stack = start_stack(["--model", str(tiny_model_dir), *STACK_ARGS], tmp_path / "serve.log")
+    # Default settings on purpose: no --max-model-len, so vLLM takes the model's own (1024).
+    stack = start_stack(["--model", str(tiny_model_dir), "--kv-cache-gib", "1"], tmp_path / "serve.log")
     try:
         stack.wait_ready()
         assert len(stack.descendants) >= 2, "expected vLLM's API server and engine processes"
