@@ -8,10 +8,11 @@ here, around uvicorn, rather than living inside the app's lifespan.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
+import subprocess
 import sys
-import time
 from pathlib import Path
 from types import FrameType
 
@@ -90,18 +91,17 @@ def run(args: argparse.Namespace) -> int:
 def serve(settings: Settings) -> int:
     """Run until interrupted; returns the process exit code."""
     _require_free_port(settings.host, settings.port, "gateway")
-    supervisor = None
     if settings.manages_vllm:
         _require_free_port(settings.vllm_host, settings.vllm_port, "vLLM")
-        supervisor = VllmSupervisor(settings, _model_dir(settings))
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
-    started = time.monotonic()
+    supervisor = None
     try:
-        if supervisor is not None:
+        if settings.manages_vllm:
+            supervisor = VllmSupervisor(settings, _model_dir(settings))
             supervisor.start()
             waited_s = supervisor.wait_ready()
             _say(f"vLLM ready in {waited_s:.1f} s at {settings.upstream_base_url}")
-        _print_usage(settings, time.monotonic() - started)
+        _print_usage(settings)
         server = uvicorn.Server(_uvicorn_config(settings, supervisor))
         server.run()
         return 0 if server.started else 1
@@ -134,17 +134,26 @@ def _uvicorn_config(settings: Settings, supervisor: VllmSupervisor | None) -> uv
 
 def _model_dir(settings: Settings) -> Path:
     if settings.model_dir is None:
-        from models.demo import DemoError, ensure_demo_student
-
         _say(f"no --model given: using the demo student (cache {settings.cache_dir})")
-        try:
-            return ensure_demo_student(settings.cache_dir)
-        except (DemoError, OSError) as exc:
-            raise ServeError(f"could not build the demo student: {exc}") from None
+        return _demo_student(settings.cache_dir)
     model_dir = settings.model_dir.expanduser().resolve()
     if not (model_dir / "config.json").is_file():
         raise ServeError(f"{model_dir} is not a model directory (no config.json); pass a merged student")
     return model_dir
+
+
+def _demo_student(cache_dir: Path) -> Path:
+    """Build or reuse the demo student in a child process, so the gateway never loads torch."""
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "demo-model"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "STUDENT_CACHE_DIR": str(cache_dir)},
+    )
+    if result.returncode != 0:
+        raise ServeError(f"could not build the demo student (student demo-model exited {result.returncode})")
+    return Path(result.stdout.strip().splitlines()[-1])
 
 
 def _require_free_port(host: str, port: int, role: str) -> None:
@@ -156,10 +165,10 @@ def _require_free_port(host: str, port: int, role: str) -> None:
             raise ServeError(f"cannot use {host}:{port} for the {role}: {exc.strerror}") from None
 
 
-def _print_usage(settings: Settings, startup_s: float) -> None:
+def _print_usage(settings: Settings) -> None:
     url = f"http://{settings.host}:{settings.port}/v1"
     _say(
-        f"stack up in {startup_s:.1f} s. OpenAI-compatible API: {url} (model '{settings.served_model_name}')\n"
+        f"gateway starting. OpenAI-compatible API: {url} (model '{settings.served_model_name}')\n"
         f"  try: curl -N {url}/chat/completions -H 'Content-Type: application/json' -d "
         f"'{{\"model\": \"{settings.served_model_name}\", \"stream\": true, "
         f"\"messages\": [{{\"role\": \"user\", \"content\": \"Đơn hàng của tôi đang ở đâu?\"}}]}}'\n"

@@ -31,6 +31,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """The real default demo student, built once per session into a fresh cache (about 80 s).
+
+    Returns its directory and the build's progress messages (which include its answers).
+    """
+    from models.demo import ensure_demo_student
+
+    messages: list[str] = []
+    return ensure_demo_student(tmp_path_factory.mktemp("demo-cache"), messages.append), messages
+
+
+@pytest.fixture(scope="session")
 def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`student serve` on the tiny model: the real vLLM child and the real gateway over HTTP."""
     running = start_stack(

@@ -154,10 +154,12 @@ def test_cli_out_dir_refuses_foreign_content_unless_forced(
 
 
 @pytest.fixture(scope="module")
-def full_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Recorder]:
-    """The real default demo student, built once (about two minutes)."""
+def full_build(demo_build: tuple[Path, list[str]]) -> tuple[Path, Recorder]:
+    """The real default demo student (the session's shared build) and its build messages."""
+    model_dir, messages = demo_build
     recorder = Recorder()
-    return ensure_demo_student(tmp_path_factory.mktemp("cache-full"), recorder), recorder
+    recorder.messages = messages
+    return model_dir, recorder
 
 
 def greedy_replies(model_dir: Path) -> list[tuple[str, str | None, str]]:

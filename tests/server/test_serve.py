@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import socket
 import subprocess
 from pathlib import Path
 
-from tests.support import STUDENT, free_port
+import psutil
+
+from tests.support import STUDENT, free_port, http_get, post_json, start_stack, wait_for
 
 
 def run_serve(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
@@ -44,3 +48,35 @@ def test_help_lists_the_subcommands() -> None:
     assert result.returncode == 0
     for command in ("serve", "merge", "demo-model"):
         assert command in result.stdout
+
+
+def test_serve_with_no_model_serves_the_demo_student_until_ctrl_c(
+    demo_build: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    model_dir, _ = demo_build
+    stack = start_stack(["--kv-cache-gib", "1"], tmp_path / "serve.log", env={"STUDENT_CACHE_DIR": str(model_dir.parent)})
+    try:
+        stack.wait_ready()
+        assert "cache hit" in stack.log()
+        status, body = http_get(f"{stack.url}/v1/models")
+        assert status == 200 and json.loads(body)["data"][0]["root"] == str(model_dir)
+        status, answer = post_json(
+            f"{stack.url}/v1/chat/completions",
+            {
+                "model": "student",
+                "temperature": 0,
+                "max_tokens": 120,
+                "messages": [
+                    {"role": "system", "content": "Bạn là trợ lý chăm sóc khách hàng của cửa hàng."},
+                    {"role": "user", "content": "Chính sách bảo hành của shop thế nào?"},
+                ],
+            },
+        )
+        reply = answer["choices"][0]["message"]["content"]
+        assert status == 200 and "bảo hành" in reply and "\ufffd" not in reply, reply
+        gateway_libraries = {Path(region.path).name for region in psutil.Process(stack.process.pid).memory_maps()}
+        assert not any(name.startswith("libtorch") for name in gateway_libraries), "the gateway loaded torch"
+        assert stack.stop(signal.SIGINT) == 130
+        assert wait_for(lambda: not stack.alive_descendants(), 10), stack.alive_descendants()
+    finally:
+        stack.kill_all()

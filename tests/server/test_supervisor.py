@@ -72,14 +72,13 @@ def _processes_in_group(pgid: int) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.parametrize(("sig", "exit_code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
-def test_stopping_serve_leaves_no_vllm_process(tiny_model_dir: Path, tmp_path: Path, sig: int, exit_code: int) -> None:
+def test_sigterm_to_serve_leaves_no_vllm_process(tiny_model_dir: Path, tmp_path: Path) -> None:
     # Default settings on purpose: no --max-model-len, so vLLM takes the model's own (1024).
     stack = start_stack(["--model", str(tiny_model_dir), "--kv-cache-gib", "1"], tmp_path / "serve.log")
     try:
         stack.wait_ready()
         assert len(stack.descendants) >= 2, "expected vLLM's API server and engine processes"
-        assert stack.stop(sig) == exit_code
+        assert stack.stop(signal.SIGTERM) == 0
         assert wait_for(lambda: not stack.alive_descendants(), 10), stack.alive_descendants()
         assert "stopping vLLM" in stack.log()
     finally:
