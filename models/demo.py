@@ -37,7 +37,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -47,11 +46,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import peft
-import safetensors
-import tokenizers
 import torch
-import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
 
@@ -140,17 +135,6 @@ def default_cache_dir() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "student-serve"
 
 
-def _library_versions() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "tokenizers": tokenizers.__version__,
-        "safetensors": safetensors.__version__,
-    }
-
-
 def cache_key(settings: DemoSettings = DemoSettings()) -> str:
     """Hex sha256 over the build's inputs: data, prompts, settings, builder source, versions."""
     digest = hashlib.sha256()
@@ -159,7 +143,7 @@ def cache_key(settings: DemoSettings = DemoSettings()) -> str:
     for module in (sys.modules[__name__], train, tokenizer_module, tiny, merge):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(json.dumps(asdict(settings), sort_keys=True).encode())
-    digest.update(json.dumps(_library_versions(), sort_keys=True).encode())
+    digest.update(json.dumps(merge.library_versions(), sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -360,7 +344,7 @@ def _build_into(staging: Path, target: Path, key: str, settings: DemoSettings, p
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "timings_s": {name: round(value, 1) for name, value in timings_s.items()},
         "settings": asdict(settings),
-        "versions": _library_versions(),
+        "versions": merge.library_versions(),
         "vocab_size": len(tokenizer),
         "base_training": asdict(base_result),
         "lora_training": asdict(lora_result),

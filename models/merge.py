@@ -45,6 +45,7 @@ from types import MappingProxyType
 
 import peft
 import safetensors
+import tokenizers
 import torch
 import transformers
 from peft import LoraConfig, PeftConfig, PeftModel
@@ -412,12 +413,14 @@ def tolerance_for(
     return tolerance, atol, rtol
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """Versions of everything that shapes a model's bytes (recorded in manifests and cache keys)."""
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
+        "tokenizers": tokenizers.__version__,
         "safetensors": safetensors.__version__,
     }
 
@@ -463,7 +466,7 @@ def build_manifest(
             for name, digest in weights.items()
         },
         "verification": asdict(verification),
-        "versions": _versions(),
+        "versions": library_versions(),
         "elapsed_s": round(elapsed_s, 3),
     }
 
