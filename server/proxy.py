@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import aiohttp
 from fastapi import Request, Response
+from fastapi.responses import JSONResponse
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -132,10 +133,7 @@ class UpstreamProxy:
     @staticmethod
     def _answer(upstream: aiohttp.ClientResponse, content: bytes) -> Response:
         if upstream.status >= 400:
-            body = normalize_upstream_error(upstream.status, content)
-            return Response(
-                json.dumps(body, ensure_ascii=False), upstream.status, media_type="application/json"
-            )
+            return JSONResponse(normalize_upstream_error(upstream.status, content), upstream.status)
         return Response(
             content,
             upstream.status,
