@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,6 +13,7 @@ from server.proxy import UpstreamProxy, create_upstream_session
 from server.routes import router
 from server.settings import Settings
 from server.supervisor import VllmSupervisor
+from server.telemetry import RequestRecord, describe
 
 
 def create_app(settings: Settings, supervisor: VllmSupervisor | None = None) -> FastAPI:
@@ -20,7 +22,12 @@ def create_app(settings: Settings, supervisor: VllmSupervisor | None = None) -> 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         session = create_upstream_session(settings)
-        app.state.proxy = UpstreamProxy(session, settings.upstream_base_url, settings.ready_timeout_s)
+        app.state.proxy = UpstreamProxy(
+            session,
+            settings.upstream_base_url,
+            settings.ready_timeout_s,
+            on_finished=_log_request if settings.access_log else None,
+        )
         app.state.supervisor = supervisor
         try:
             yield
@@ -31,3 +38,7 @@ def create_app(settings: Settings, supervisor: VllmSupervisor | None = None) -> 
     install_error_handlers(app)
     app.include_router(router)
     return app
+
+
+def _log_request(record: RequestRecord) -> None:
+    print(f"[request] {describe(record)}", file=sys.stderr, flush=True)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
 import aiohttp
@@ -22,8 +23,10 @@ from starlette.types import Receive, Scope, Send
 from server.errors import error_body, error_response, normalize_upstream_error
 from server.settings import Settings
 from server.sse import EventSplitter
+from server.telemetry import RequestRecord, StreamObserver, request_usage_in_stream, take_usage_from_body
 
 T = TypeVar("T")
+RecordSink = Callable[[RequestRecord], None]
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) plus those the gateway recomputes itself.
 _DROP_REQUEST_HEADERS = frozenset(
@@ -64,10 +67,17 @@ def forwardable_headers(headers: Mapping[str, str], drop: frozenset[str]) -> dic
 class UpstreamProxy:
     """The request path from the gateway to one vLLM server."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, ready_timeout_s: float = 2.0):
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        ready_timeout_s: float = 2.0,
+        on_finished: RecordSink | None = None,
+    ):
         self._session = session
         self.base_url = base_url
         self._ready_timeout = aiohttp.ClientTimeout(total=ready_timeout_s)
+        self._on_finished = on_finished
 
     async def forward(self, request: Request, path: str) -> Response:
         """POST a JSON body to `path` upstream; relay the stream or the whole answer."""
@@ -78,6 +88,12 @@ class UpstreamProxy:
             return error_response(400, f"request body is not valid JSON: {exc}")
         if not isinstance(payload, dict):
             return error_response(400, "request body must be a JSON object")
+        model = payload.get("model")
+        record = RequestRecord(path, self.base_url, bool(payload.get("stream")), model if isinstance(model, str) else None)
+        client_wants_usage = True
+        if record.stream:
+            rewritten, client_wants_usage = request_usage_in_stream(payload)
+            body = rewritten or body
         headers = forwardable_headers(request.headers, _DROP_REQUEST_HEADERS)
         headers["accept-encoding"] = "identity"
         headers["content-type"] = "application/json"
@@ -86,13 +102,13 @@ class UpstreamProxy:
                 request, self._session.post(self.base_url + path, data=body, headers=headers)
             )
         except ClientDisconnected:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
+            return self._finish(record, Response(status_code=CLIENT_CLOSED_REQUEST))
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            return upstream_failure(exc)
-        if upstream.status >= 400 or not payload.get("stream"):
-            return await self._whole_answer(request, upstream)
+            return self._finish(record, upstream_failure(exc))
+        if upstream.status >= 400 or not record.stream:
+            return await self._whole_answer(request, upstream, record)
         return RelayResponse(
-            self._relay(upstream),
+            self._relay(upstream, record, StreamObserver(record, client_wants_usage)),
             status_code=upstream.status,
             headers=forwardable_headers(upstream.headers, _DROP_RESPONSE_HEADERS),
         )
@@ -118,17 +134,31 @@ class UpstreamProxy:
         except asyncio.TimeoutError:
             return f"upstream {self.base_url} did not answer /health in time"
 
-    async def _whole_answer(self, request: Request, upstream: aiohttp.ClientResponse) -> Response:
+    async def _whole_answer(
+        self, request: Request, upstream: aiohttp.ClientResponse, record: RequestRecord
+    ) -> Response:
         try:
             content = await _unless_disconnected(request, upstream.read())
         except ClientDisconnected:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
+            return self._finish(record, Response(status_code=CLIENT_CLOSED_REQUEST))
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            return upstream_failure(exc)
+            return self._finish(record, upstream_failure(exc))
         finally:
             # Closing an unfinished answer drops the connection, which makes vLLM abort it.
             upstream.close()
-        return self._answer(upstream, content)
+        if upstream.status < 400:
+            take_usage_from_body(record, content)
+        return self._finish(record, self._answer(upstream, content))
+
+    def _finish(self, record: RequestRecord, response: Response) -> Response:
+        self._finished(record, response.status_code)
+        return response
+
+    def _finished(self, record: RequestRecord, status: int) -> None:
+        record.finished_s = time.monotonic()
+        record.status = status
+        if self._on_finished is not None:
+            self._on_finished(record)
 
     @staticmethod
     def _answer(upstream: aiohttp.ClientResponse, content: bytes) -> Response:
@@ -140,23 +170,29 @@ class UpstreamProxy:
             headers=forwardable_headers(upstream.headers, _DROP_RESPONSE_HEADERS),
         )
 
-    @staticmethod
-    async def _relay(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def _relay(
+        self, upstream: aiohttp.ClientResponse, record: RequestRecord, observer: StreamObserver
+    ) -> AsyncIterator[bytes]:
         """Yield upstream SSE events one by one; on upstream failure end with an error event."""
         splitter = EventSplitter()
+        status = CLIENT_CLOSED_REQUEST
         try:
             async for chunk in upstream.content.iter_any():
                 for event in splitter.feed(chunk):
-                    yield event
+                    if observer.keep(event):
+                        yield event
             rest = splitter.flush()
             if rest:
                 yield rest
+            status = upstream.status
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            status = 502
             yield _error_event(502, f"upstream stream broke off: {exc!r}")
             yield b"data: [DONE]\n\n"
         finally:
             # Unread data means the client left early: closing the socket makes vLLM abort.
             upstream.close()
+            self._finished(record, status)
 
 
 class RelayResponse(StreamingResponse):

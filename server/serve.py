@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, help="most sequences vLLM runs at once (default 64)")
     parser.add_argument("--kv-cache-gib", type=float, help="CPU only: KV cache size in GiB (default 2)")
     parser.add_argument("--vllm-arg", action="append", help="extra argument for vLLM (repeatable)")
-    parser.add_argument("--access-log", action="store_true", default=None, help="log every request line")
+    parser.add_argument("--access-log", action="store_true", default=None, help="log one line per request: status, tokens, TTFT, TPOT, latency")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -126,7 +126,7 @@ def _uvicorn_config(settings: Settings, supervisor: VllmSupervisor | None) -> uv
         port=settings.port,
         loop="uvloop",
         http="httptools",
-        access_log=settings.access_log,
+        access_log=False,
         timeout_graceful_shutdown=5,
         log_level="info",
     )

@@ -18,6 +18,7 @@ TOKENIZER_TEXTS = [
 ]
 # Small enough to start fast; max_num_seqs=2 lets a test fill every slot and queue a third request.
 STACK_ARGS = ["--max-model-len", "1024", "--kv-cache-gib", "1", "--max-num-seqs", "2", "--dtype", "float32"]
+SESSION_STACK_ARGS = [*STACK_ARGS, "--access-log"]
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +47,7 @@ def demo_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str
 def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`student serve` on the tiny model: the real vLLM child and the real gateway over HTTP."""
     running = start_stack(
-        ["--model", str(tiny_model_dir), *STACK_ARGS], tmp_path_factory.mktemp("stack") / "serve.log"
+        ["--model", str(tiny_model_dir), *SESSION_STACK_ARGS], tmp_path_factory.mktemp("stack") / "serve.log"
     )
     try:
         running.wait_ready()

@@ -99,6 +99,40 @@ def test_stream_equals_vllm_direct_event_for_event(stack: Stack, kind: str) -> N
     assert streamed_text(via_gateway) == streamed_text(direct) != ""
 
 
+def last_request_line(stack: Stack) -> dict[str, str]:
+    lines = [line for line in stack.log().splitlines() if line.startswith("[request] ")]
+    assert lines, "the gateway logged no request line"
+    return dict(part.split("=", 1) for part in lines[-1].split()[2:])
+
+
+@pytest.mark.parametrize("kind", PATHS)
+def test_stream_usage_is_measured_but_only_sent_when_asked(stack: Stack, kind: str) -> None:
+    path, body = PATHS[kind]
+    asked = stream_events(stack.port, path, {**body, "stream_options": {"include_usage": True}})
+    usage = json.loads(asked[-2])["usage"]
+    assert json.loads(asked[-2])["choices"] == [] and usage["completion_tokens"] == body["max_tokens"]
+    direct = stream_events(stack.vllm_port, path, {**body, "stream_options": {"include_usage": True}})
+    assert json.loads(direct[-2])["usage"] == usage
+
+    not_asked = stream_events(stack.port, path, body)
+    assert all(b'"usage"' not in event for event in not_asked)
+    assert wait_for(lambda: last_request_line(stack)["completion_tokens"] == str(usage["completion_tokens"]), 2)
+    logged = last_request_line(stack)
+    assert logged["status"] == "200" and logged["stream"] == "1"
+    assert logged["prompt_tokens"] == str(usage["prompt_tokens"])
+    assert float(logged["ttft_ms"]) <= float(logged["e2e_ms"]) and float(logged["tpot_ms"]) > 0
+
+
+def test_non_streaming_usage_is_logged(stack: Stack) -> None:
+    status, answer = post_json(stack.url + "/v1/chat/completions", CHAT)
+    assert status == 200
+    assert wait_for(lambda: last_request_line(stack)["stream"] == "0", 2)
+    logged = last_request_line(stack)
+    assert logged["prompt_tokens"] == str(answer["usage"]["prompt_tokens"])
+    assert logged["completion_tokens"] == str(answer["usage"]["completion_tokens"])
+    assert logged["ttft_ms"] == "-" and float(logged["e2e_ms"]) > 0
+
+
 def test_official_openai_client_streams_a_chat(stack: Stack) -> None:
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
     stream = client.chat.completions.create(
@@ -119,7 +153,7 @@ def test_models_lists_the_served_model(stack: Stack) -> None:
 def test_disconnect_mid_stream_aborts_the_vllm_request(stack: Stack) -> None:
     sock = open_raw_request(stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True})
     read_until_events(sock, 3)
-    assert vllm_gauge(stack.vllm_url, "vllm:num_requests_running") == 1
+    assert wait_for(lambda: vllm_gauge(stack.vllm_url, "vllm:num_requests_running") == 1, 5)
     sock.close()
     assert_idle_soon(stack)
 
