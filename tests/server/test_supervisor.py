@@ -73,7 +73,7 @@ def _processes_in_group(pgid: int) -> list[psutil.Process]:
 
 
 def test_sigterm_to_serve_leaves_no_vllm_process(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # Default settings on purpose: no --max-model-len, so vLLM takes the model's own (1024).
+    # Default settings on purpose: no --max-model-len, so vLLM takes the model's own (4096).
     stack = start_stack(["--model", str(tiny_model_dir), "--kv-cache-gib", "1"], tmp_path / "serve.log")
     try:
         stack.wait_ready()
