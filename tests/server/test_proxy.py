@@ -69,13 +69,23 @@ def read_until_events(sock: socket.socket, count: int) -> bytes:
     return received
 
 
-def assert_idle_soon(stack: Stack, timeout_s: float = 3.0) -> None:
-    idle = wait_for(
-        lambda: vllm_gauge(stack.vllm_url, "vllm:num_requests_running") == 0
-        and vllm_gauge(stack.vllm_url, "vllm:num_requests_waiting") == 0,
-        timeout_s,
+def vllm_load(stack: Stack) -> tuple[float, float]:
+    """(running, waiting) requests in vLLM right now."""
+    return (
+        vllm_gauge(stack.vllm_url, "vllm:num_requests_running"),
+        vllm_gauge(stack.vllm_url, "vllm:num_requests_waiting"),
     )
-    assert idle, "vLLM still holds the request after the client disconnected"
+
+
+def assert_idle_soon(stack: Stack, timeout_s: float = 3.0, why: str = "vLLM still holds the request after the client disconnected") -> None:
+    assert wait_for(lambda: vllm_load(stack) == (0, 0), timeout_s), f"{why}: (running, waiting) = {vllm_load(stack)}"
+
+
+@pytest.fixture
+def idle_stack(stack: Stack) -> Stack:
+    """The session stack once vLLM has finished whatever earlier tests left in flight."""
+    assert_idle_soon(stack, timeout_s=15, why="vLLM was still busy before the test")
+    return stack
 
 
 @pytest.mark.parametrize("kind", PATHS)
@@ -151,36 +161,36 @@ def test_models_lists_the_served_model(stack: Stack) -> None:
     assert [model["id"] for model in json.loads(body)["data"]] == ["student"]
 
 
-def test_disconnect_mid_stream_aborts_the_vllm_request(stack: Stack) -> None:
-    sock = open_raw_request(stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True})
+def test_disconnect_mid_stream_aborts_the_vllm_request(idle_stack: Stack) -> None:
+    sock = open_raw_request(idle_stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True})
     read_until_events(sock, 3)
-    assert wait_for(lambda: vllm_gauge(stack.vllm_url, "vllm:num_requests_running") == 1, 5)
+    assert wait_for(lambda: vllm_load(idle_stack) == (1, 0), 5), vllm_load(idle_stack)
     sock.close()
-    assert_idle_soon(stack)
+    assert_idle_soon(idle_stack)
 
 
-def test_disconnect_before_first_token_aborts_the_queued_request(stack: Stack) -> None:
+def test_disconnect_before_first_token_aborts_the_queued_request(idle_stack: Stack) -> None:
     # The stack runs at most 2 sequences: fill both, so the third waits for its first token.
-    busy = [open_raw_request(stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True}) for _ in range(2)]
+    busy = [open_raw_request(idle_stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True}) for _ in range(2)]
     for sock in busy:
         read_until_events(sock, 1)
-    prefilled_tokens = vllm_gauge(stack.vllm_url, "vllm:prompt_tokens_total")
-    queued = open_raw_request(stack.port, "/v1/chat/completions", {**CHAT, **LONG, "stream": True})
-    assert wait_for(lambda: vllm_gauge(stack.vllm_url, "vllm:num_requests_waiting") == 1, 10)
+    prefilled_tokens = vllm_gauge(idle_stack.vllm_url, "vllm:prompt_tokens_total")
+    queued = open_raw_request(idle_stack.port, "/v1/chat/completions", {**CHAT, **LONG, "stream": True})
+    assert wait_for(lambda: vllm_load(idle_stack) == (2, 1), 10), vllm_load(idle_stack)
     queued.close()
-    assert wait_for(lambda: vllm_gauge(stack.vllm_url, "vllm:num_requests_waiting") == 0, 3)
+    assert wait_for(lambda: vllm_gauge(idle_stack.vllm_url, "vllm:num_requests_waiting") == 0, 3)
     for sock in busy:
         sock.close()
-    assert_idle_soon(stack)
+    assert_idle_soon(idle_stack)
     # Had it been promoted to running instead of aborted, its prompt would have been prefilled.
-    assert vllm_gauge(stack.vllm_url, "vllm:prompt_tokens_total") == prefilled_tokens
+    assert vllm_gauge(idle_stack.vllm_url, "vllm:prompt_tokens_total") == prefilled_tokens
 
 
-def test_disconnect_from_a_non_streaming_request_aborts_it(stack: Stack) -> None:
-    sock = open_raw_request(stack.port, "/v1/chat/completions", {**CHAT, **LONG})
-    assert wait_for(lambda: vllm_gauge(stack.vllm_url, "vllm:num_requests_running") == 1, 10)
+def test_disconnect_from_a_non_streaming_request_aborts_it(idle_stack: Stack) -> None:
+    sock = open_raw_request(idle_stack.port, "/v1/chat/completions", {**CHAT, **LONG})
+    assert wait_for(lambda: vllm_load(idle_stack) == (1, 0), 10), vllm_load(idle_stack)
     sock.close()
-    assert_idle_soon(stack)
+    assert_idle_soon(idle_stack)
 
 
 def test_upstream_client_error_keeps_its_status_and_openai_shape(stack: Stack) -> None:
