@@ -40,9 +40,7 @@ class RequestRecord:
     @property
     def tpot_ms(self) -> float | None:
         """(end − first token) / (completion tokens − 1), as vLLM's benchmark defines it."""
-        if self.first_token_s is None or self.finished_s is None or not self.completion_tokens:
-            return None
-        if self.completion_tokens < 2:
+        if self.first_token_s is None or self.finished_s is None or (self.completion_tokens or 0) < 2:
             return None
         return (self.finished_s - self.first_token_s) * 1000 / (self.completion_tokens - 1)
 
