@@ -7,7 +7,13 @@ plain arithmetic on the interval since the previous reading:
   of instant power ((p0 + p1) / 2 × Δt);
 * idle energy: min(ΔE, idle_w × Δt), the fixed cost of keeping the box on;
 * active energy: the rest, split among the requests in flight in proportion to the tokens each
-  reported during the interval (`add_tokens`); with no tokens reported it is `unattributed_j`.
+  reported during the interval (`add_tokens`); when nothing in flight has a share it is
+  `unattributed_j`.
+
+Requests that cannot report tokens as they go (non-streaming answers: vLLM gives their `usage`
+only at the end) are started with `reports_tokens=False`. Each interval counts them as doing
+as much as the average reporting request did in it, or, when none reported, splits the energy
+equally among them: an estimate, the best the gateway can see.
 
 So, always: sum of per-request energy + idle_j + unattributed_j == total_j (up to rounding).
 
@@ -94,6 +100,7 @@ class EnergySnapshot:
 
 @dataclass(slots=True)
 class _Request:
+    reports_tokens: bool = True
     energy_j: float = 0.0
     pending_tokens: int = 0
 
@@ -132,6 +139,7 @@ class EnergyMeter:
         self._zero_warn_intervals = zero_energy_warn_intervals
 
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()  # readings reach tick() in the order they were taken
         self._requests: dict[RequestId, _Request] = {}
         self._last: Reading | None = None
         self._last_power_w: float | None = None
@@ -155,14 +163,18 @@ class EnergyMeter:
 
     # --- requests -------------------------------------------------------------------------
 
-    def start_request(self, request_id: RequestId) -> None:
-        """Begin attributing energy to `request_id` (from the next interval with its tokens)."""
+    def start_request(self, request_id: RequestId, reports_tokens: bool = True) -> None:
+        """Begin attributing energy to `request_id`.
+
+        `reports_tokens=False`: the request's tokens are unknown until it ends; it gets an
+        estimated share of every interval it is in flight (see the module docstring).
+        """
         if not self.measuring:
             return None
         with self._lock:
             if request_id in self._requests:
                 raise ValueError(f"request {request_id!r} already started")
-            self._requests[request_id] = _Request()
+            self._requests[request_id] = _Request(reports_tokens)
         return None
 
     def add_tokens(self, request_id: RequestId, tokens: int) -> None:
@@ -178,11 +190,15 @@ class EnergyMeter:
     def finish_request(self, request_id: RequestId) -> float | None:
         """Stop attributing to `request_id`; returns its joules (None when not measuring).
 
-        Tokens reported since the last interval closed get no energy: the interval they belong
-        to is not over yet, and later intervals are not given to a finished request.
+        While the sampler runs, the open interval is closed first (one extra reading), so a
+        request shorter than the sampling period still gets its share of the energy it used.
+        Without the sampler (replayed traces), tokens reported since the last interval closed
+        get no energy: later intervals are not given to a finished request.
         """
         if not self.measuring:
             return None
+        if self.sampling:
+            self._read_and_tick()
         with self._lock:
             request = self._request(request_id)
             del self._requests[request_id]
@@ -229,16 +245,25 @@ class EnergyMeter:
             self._attribute(energy_j - idle_j)
 
     def _attribute(self, active_j: float) -> None:
-        """Split active energy by the tokens each request reported; clear the pending tokens."""
-        tokens = sum(request.pending_tokens for request in self._requests.values())
-        if active_j > 0 and tokens > 0:
-            for request in self._requests.values():
-                request.energy_j += active_j * request.pending_tokens / tokens
+        """Split active energy by each request's weight this interval; clear the pending tokens."""
+        weights = self._weights()
+        total_weight = sum(weights)
+        if active_j > 0 and total_weight > 0:
+            for request, weight in zip(self._requests.values(), weights, strict=True):
+                request.energy_j += active_j * weight / total_weight
             self._attributed_j += active_j
         else:
             self._unattributed_j += active_j
         for request in self._requests.values():
             request.pending_tokens = 0
+
+    def _weights(self) -> list[float]:
+        """Reported tokens; a request that cannot report counts as the mean reporter (or 1)."""
+        reported = [r.pending_tokens for r in self._requests.values() if r.reports_tokens and r.pending_tokens > 0]
+        silent_weight = sum(reported) / len(reported) if reported else 1.0
+        return [
+            float(r.pending_tokens) if r.reports_tokens else silent_weight for r in self._requests.values()
+        ]
 
     def _measure_idle(self, energy_j: float, elapsed_s: float) -> None:
         """An interval inside the idle window with nothing running: all of it is idle energy."""
@@ -332,10 +357,15 @@ class EnergyMeter:
     def sampling(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def _read_and_tick(self) -> None:
+        """One reading, accounted at once (the sampler and finishing requests both do this)."""
+        with self._read_lock:
+            self.tick(self._source.read())
+
     def _sample(self) -> None:
         while True:
             try:
-                self.tick(self._source.read())
+                self._read_and_tick()
             except Exception:
                 logger.exception("energy: sampler failed; measuring stopped")
                 return

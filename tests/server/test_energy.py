@@ -162,6 +162,27 @@ def test_requests_in_flight_without_tokens_leave_energy_unattributed() -> None:
     assert (snap.unattributed_j, snap.idle_j) == (pytest.approx(30.0), pytest.approx(50.0))
 
 
+def test_requests_that_cannot_report_tokens_count_as_the_average_reporter() -> None:
+    trace = TraceSource([(0, 0.0, None), (1, 90.0, None), (2, 150.0, None), (3, 180.0, None)])
+    meter = EnergyMeter(trace, idle_w=0.0)
+    meter.tick(trace.read())
+    meter.start_request("stream-a")
+    meter.start_request("stream-b")
+    meter.start_request("whole", reports_tokens=False)
+    meter.add_tokens("stream-a", 10)
+    meter.add_tokens("stream-b", 20)
+    meter.tick(trace.read())  # 90 J over weights 10, 20, 15 (the reporters' mean)
+    meter.add_tokens("stream-a", 6)
+    meter.tick(trace.read())  # 60 J: stream-a 6, the silent one 6, stream-b 0
+    assert meter.finish_request("stream-a") == pytest.approx(20.0 + 30.0)
+    assert meter.finish_request("stream-b") == pytest.approx(40.0)
+    meter.start_request("whole-2", reports_tokens=False)
+    meter.tick(trace.read())  # 30 J, no reporter: split equally between the two silent ones
+    assert meter.finish_request("whole") == pytest.approx(30.0 + 30.0 + 15.0)
+    assert meter.finish_request("whole-2") == pytest.approx(15.0)
+    assert meter.snapshot().attributed_j == pytest.approx(180.0)
+
+
 def test_misuse_raises() -> None:
     meter = EnergyMeter(TraceSource([(0, 0.0, None)]), idle_w=0.0)
     meter.start_request("x")
@@ -198,7 +219,7 @@ def test_energy_is_conserved_over_a_long_random_trace() -> None:
     for index, _ in enumerate(samples):
         meter.tick(trace.read())
         if index >= 40 and rng.random() < 0.2:  # a quiet start (about 4 s) fills the 3 s idle window
-            meter.start_request(next_id)
+            meter.start_request(next_id, reports_tokens=rng.random() < 0.7)
             in_flight.append(next_id)
             next_id += 1
         for request_id in in_flight:
@@ -260,6 +281,38 @@ def test_sampler_thread_reads_the_source_and_stops_cleanly() -> None:
     assert not meter.sampling
     snap = meter.snapshot()
     assert (snap.total_j, snap.intervals) == (100.0, 4)
+
+
+class _ClockSource:
+    """A steady 50 W on the real monotonic clock, as a live counter would read."""
+
+    name, status, reason = "clock", "ok", "steady"
+
+    def __init__(self) -> None:
+        self._start_s = time.monotonic()
+
+    def read(self) -> Reading:
+        now_s = time.monotonic()
+        return Reading(now_s, 50.0 * (now_s - self._start_s), 50.0)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_request_shorter_than_the_sampling_period_closes_the_interval_when_it_finishes() -> None:
+    meter = EnergyMeter(_ClockSource(), idle_w=0.0, sample_hz=0.5)  # the sampler ticks every 2 s
+    meter.start()
+    try:
+        time.sleep(0.05)  # the sampler's first reading is the baseline
+        meter.start_request("short")
+        time.sleep(0.2)
+        meter.add_tokens("short", 7)
+        energy_j = meter.finish_request("short")
+    finally:
+        meter.stop()
+    assert energy_j == pytest.approx(50.0 * 0.2, rel=0.5)  # its own 0.2 s, not 0 J and not 2 s worth
+    snap = meter.snapshot()
+    assert snap.attributed_j == energy_j and snap.total_j == pytest.approx(snap.attributed_j + snap.unattributed_j)
 
 
 class _FailingSource:
