@@ -1,44 +1,98 @@
-"""Build the gateway application; its lifespan owns the pooled upstream HTTP client."""
+"""Build the gateway application; its lifespan owns every long-lived resource.
+
+The pooled upstream HTTP client, the power source and its sampler thread, the ledger and the
+energy-history task are created when the app starts and closed when it stops, in that order
+reversed; nothing lives at module level.
+"""
 
 from __future__ import annotations
 
-import sys
+import asyncio
+import contextlib
+import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from server import dashboard
+from server.energy import EnergyMeter
 from server.errors import install_error_handlers
+from server.ledger import Ledger
+from server.power import PowerSource, cuda_visible_devices, detect_power_source
 from server.proxy import UpstreamProxy, create_upstream_session
+from server.recorder import RequestRecorder
 from server.routes import router
 from server.settings import Settings
 from server.supervisor import VllmSupervisor
-from server.telemetry import RequestRecord, describe
+
+logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, supervisor: VllmSupervisor | None = None) -> FastAPI:
-    """The gateway for `settings.upstream_base_url`; `supervisor` (if any) explains /ready."""
+def create_app(
+    settings: Settings,
+    supervisor: VllmSupervisor | None = None,
+    power_source: PowerSource | None = None,
+) -> FastAPI:
+    """The gateway for `settings.upstream_base_url`.
+
+    `supervisor` (if any) explains /ready. `power_source` replaces the detected one (tests
+    replay a trace through it); the app closes whichever source it uses.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         session = create_upstream_session(settings)
-        app.state.proxy = UpstreamProxy(
-            session,
-            settings.upstream_base_url,
-            settings.ready_timeout_s,
-            on_finished=_log_request if settings.access_log else None,
-        )
         app.state.supervisor = supervisor
+        app.state.recorder = None
         try:
-            yield
+            if not settings.telemetry:
+                logger.warning("telemetry is off: no metrics, stats, energy or ledger")
+                app.state.proxy = UpstreamProxy(session, settings.upstream_base_url, settings.ready_timeout_s)
+                yield
+                return
+            async with _telemetry(settings, power_source) as recorder:
+                app.state.recorder = recorder
+                app.state.proxy = UpstreamProxy(
+                    session, settings.upstream_base_url, settings.ready_timeout_s, recorder
+                )
+                yield
         finally:
             await session.close()
 
     app = FastAPI(title="student-serve gateway", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(dashboard.router)
     return app
 
 
-def _log_request(record: RequestRecord) -> None:
-    print(f"[request] {describe(record)}", file=sys.stderr, flush=True)
+@asynccontextmanager
+async def _telemetry(settings: Settings, power_source: PowerSource | None) -> AsyncIterator[RequestRecorder]:
+    """The energy meter (sampler thread), the ledger and the recorder that feeds them."""
+    source = power_source or detect_power_source(
+        settings.power_source, nvml_devices=cuda_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    )
+    meter = EnergyMeter(
+        source, idle_w=settings.idle_w, idle_window_s=settings.idle_window_s, sample_hz=settings.energy_sample_hz
+    )
+    ledger = Ledger(settings.ledger_path)
+    try:
+        if meter.start():
+            logger.info("energy: measuring with %s", source.name)
+        else:
+            logger.warning("energy: not measured: %s", source.reason)
+        recorder = RequestRecorder(settings, meter, ledger)
+        history = asyncio.create_task(recorder.keep_energy_history(), name="energy-history")
+        try:
+            yield recorder
+        finally:
+            history.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await history
+            meter.stop()
+            recorder.write_energy_row()
+    finally:
+        ledger.close()
+        source.close()

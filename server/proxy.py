@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from fastapi import Request, Response
@@ -22,11 +22,11 @@ from starlette.types import Receive, Scope, Send
 
 from server.errors import error_body, error_response, normalize_upstream_error
 from server.settings import Settings
+from server.recorder import RequestRecorder
 from server.sse import EventSplitter
 from server.telemetry import RequestRecord, StreamObserver, request_usage_in_stream, take_usage_from_body
 
 T = TypeVar("T")
-RecordSink = Callable[[RequestRecord], None]
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) plus those the gateway recomputes itself.
 _DROP_REQUEST_HEADERS = frozenset(
@@ -38,6 +38,7 @@ _DROP_REQUEST_HEADERS = frozenset(
 _DROP_RESPONSE_HEADERS = _DROP_REQUEST_HEADERS | {"content-encoding", "date", "server"}
 
 CLIENT_CLOSED_REQUEST = 499
+_DONE = b"data: [DONE]"
 
 
 class ClientDisconnected(Exception):
@@ -72,12 +73,12 @@ class UpstreamProxy:
         session: aiohttp.ClientSession,
         base_url: str,
         ready_timeout_s: float = 2.0,
-        on_finished: RecordSink | None = None,
+        recorder: RequestRecorder | None = None,
     ):
         self._session = session
         self.base_url = base_url
         self._ready_timeout = aiohttp.ClientTimeout(total=ready_timeout_s)
-        self._on_finished = on_finished
+        self._recorder = recorder
 
     async def forward(self, request: Request, path: str) -> Response:
         """POST a JSON body to `path` upstream; relay the stream or the whole answer."""
@@ -90,13 +91,17 @@ class UpstreamProxy:
             return error_response(400, "request body must be a JSON object")
         model = payload.get("model")
         record = RequestRecord(path, self.base_url, bool(payload.get("stream")), model if isinstance(model, str) else None)
-        client_wants_usage = True
-        if record.stream:
-            rewritten, client_wants_usage = request_usage_in_stream(payload)
+        recorder = self._recorder
+        observer = None
+        if recorder is not None and record.stream:
+            rewritten, wish = request_usage_in_stream(payload, continuous=recorder.measures_energy)
             body = rewritten or body
+            observer = StreamObserver(record, wish, recorder.token_sink(record))
         headers = forwardable_headers(request.headers, _DROP_REQUEST_HEADERS)
         headers["accept-encoding"] = "identity"
         headers["content-type"] = "application/json"
+        if recorder is not None:
+            recorder.begin(record)
         try:
             upstream = await _unless_disconnected(
                 request, self._session.post(self.base_url + path, data=body, headers=headers)
@@ -105,12 +110,16 @@ class UpstreamProxy:
             return self._finish(record, Response(status_code=CLIENT_CLOSED_REQUEST))
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return self._finish(record, upstream_failure(exc))
+        except BaseException:
+            self._finished(record, CLIENT_CLOSED_REQUEST)
+            raise
         if upstream.status >= 400 or not record.stream:
             return await self._whole_answer(request, upstream, record)
         return RelayResponse(
-            self._relay(upstream, record, StreamObserver(record, client_wants_usage)),
+            self._relay(upstream, record, observer),
             status_code=upstream.status,
             headers=forwardable_headers(upstream.headers, _DROP_RESPONSE_HEADERS),
+            on_close=lambda: self._abandon(upstream, record),
         )
 
     async def get(self, path: str) -> Response:
@@ -134,6 +143,18 @@ class UpstreamProxy:
         except asyncio.TimeoutError:
             return f"upstream {self.base_url} did not answer /health in time"
 
+    async def vllm_load(self) -> dict[str, Any]:
+        """vLLM's running and waiting requests and KV-cache use (0..1), from its /metrics."""
+        load: dict[str, Any] = {"url": self.base_url, "running": None, "waiting": None, "kv_cache_usage": None}
+        try:
+            async with self._session.get(self.base_url + "/metrics", timeout=self._ready_timeout) as resp:
+                if resp.status != 200:
+                    return {**load, "error": f"upstream /metrics answered HTTP {resp.status}"}
+                text = await resp.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return {**load, "error": f"upstream /metrics unreachable: {exc!r}"}
+        return {**load, **vllm_gauges(text), "error": None}
+
     async def _whole_answer(
         self, request: Request, upstream: aiohttp.ClientResponse, record: RequestRecord
     ) -> Response:
@@ -143,6 +164,9 @@ class UpstreamProxy:
             return self._finish(record, Response(status_code=CLIENT_CLOSED_REQUEST))
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return self._finish(record, upstream_failure(exc))
+        except BaseException:
+            self._finished(record, CLIENT_CLOSED_REQUEST)
+            raise
         finally:
             # Closing an unfinished answer drops the connection, which makes vLLM abort it.
             upstream.close()
@@ -155,10 +179,18 @@ class UpstreamProxy:
         return response
 
     def _finished(self, record: RequestRecord, status: int) -> None:
+        """Close the record once (later calls do nothing) and hand it to the recorder."""
+        if record.status is not None:
+            return
         record.finished_s = time.monotonic()
         record.status = status
-        if self._on_finished is not None:
-            self._on_finished(record)
+        if self._recorder is not None:
+            self._recorder.finish(record)
+
+    def _abandon(self, upstream: aiohttp.ClientResponse, record: RequestRecord) -> None:
+        """After a relay ends, however it ended: no open upstream answer, no unfinished record."""
+        upstream.close()
+        self._finished(record, CLIENT_CLOSED_REQUEST)
 
     @staticmethod
     def _answer(upstream: aiohttp.ClientResponse, content: bytes) -> Response:
@@ -171,16 +203,23 @@ class UpstreamProxy:
         )
 
     async def _relay(
-        self, upstream: aiohttp.ClientResponse, record: RequestRecord, observer: StreamObserver
+        self, upstream: aiohttp.ClientResponse, record: RequestRecord, observer: StreamObserver | None
     ) -> AsyncIterator[bytes]:
-        """Yield upstream SSE events one by one; on upstream failure end with an error event."""
+        """Yield upstream SSE events one by one; on upstream failure end with an error event.
+
+        The record is closed before `data: [DONE]` goes out, so its ledger row is committed
+        before the client can see the answer finished.
+        """
         splitter = EventSplitter()
         status = CLIENT_CLOSED_REQUEST
         try:
             async for chunk in upstream.content.iter_any():
                 for event in splitter.feed(chunk):
-                    if observer.keep(event):
-                        yield event
+                    if observer is not None and (event := observer.keep(event)) is None:
+                        continue
+                    if event.startswith(_DONE):
+                        self._finished(record, upstream.status)
+                    yield event
             rest = splitter.flush()
             if rest:
                 yield rest
@@ -188,7 +227,8 @@ class UpstreamProxy:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             status = 502
             yield _error_event(502, f"upstream stream broke off: {exc!r}")
-            yield b"data: [DONE]\n\n"
+            self._finished(record, status)
+            yield _DONE + b"\n\n"
         finally:
             # Unread data means the client left early: closing the socket makes vLLM abort.
             upstream.close()
@@ -202,6 +242,10 @@ class RelayResponse(StreamingResponse):
     the next write, which could be minutes away while a request waits for its first token.
     """
 
+    def __init__(self, *args: Any, on_close: Callable[[], None], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._on_close = on_close
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         relay = asyncio.ensure_future(self.stream_response(send))
         watch = asyncio.ensure_future(_wait_disconnect(receive))
@@ -211,8 +255,31 @@ class RelayResponse(StreamingResponse):
             for task in (relay, watch):
                 task.cancel()
             await asyncio.gather(relay, watch, return_exceptions=True)
+            # A relay cancelled before its first event never ran its own `finally`.
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            self._on_close()
         if relay.done() and not relay.cancelled() and relay.exception() is not None:
             raise relay.exception()  # type: ignore[misc]
+
+
+_VLLM_GAUGES = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:kv_cache_usage_perc": "kv_cache_usage",
+}
+
+
+def vllm_gauges(metrics_text: str) -> dict[str, float | None]:
+    """Sum each gauge of `_VLLM_GAUGES` over its label sets (engines); None when absent."""
+    found: dict[str, float | None] = dict.fromkeys(_VLLM_GAUGES.values())
+    for line in metrics_text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        key = _VLLM_GAUGES.get(name)
+        if key is not None:
+            found[key] = (found[key] or 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
 
 
 def upstream_failure(exc: BaseException) -> Response:

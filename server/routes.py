@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.errors import error_response
 from server.proxy import UpstreamProxy
+from server.recorder import RequestRecorder
 from server.supervisor import VllmSupervisor
 
 
@@ -19,8 +21,14 @@ def get_supervisor(request: Request) -> VllmSupervisor | None:
     return request.app.state.supervisor
 
 
+def get_recorder(request: Request) -> RequestRecorder | None:
+    return request.app.state.recorder
+
+
 ProxyDep = Annotated[UpstreamProxy, Depends(get_proxy)]
 SupervisorDep = Annotated[VllmSupervisor | None, Depends(get_supervisor)]
+RecorderDep = Annotated[RequestRecorder | None, Depends(get_recorder)]
+TELEMETRY_OFF = "telemetry is off (STUDENT_TELEMETRY=false): no metrics or stats"
 
 router = APIRouter()
 
@@ -56,3 +64,23 @@ async def ready(proxy: ProxyDep, supervisor: SupervisorDep) -> Response | dict[s
         state, detail = supervisor.status()
         reason = f"{reason} (vLLM {state}: {detail})"
     return error_response(503, reason, headers={"Retry-After": "5"})
+
+
+@router.get("/metrics")
+async def metrics(recorder: RecorderDep) -> Response:
+    """Prometheus text: latency histograms, request/token/energy counters, live gauges."""
+    if recorder is None:
+        return error_response(404, TELEMETRY_OFF)
+    return Response(recorder.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/stats", response_model=None)
+async def stats(
+    recorder: RecorderDep,
+    proxy: ProxyDep,
+    window: Annotated[float | None, Query(gt=0, le=30 * 86_400, description="seconds; default: since start")] = None,
+) -> Response | dict:
+    """Requests, tokens, latency percentiles, energy and money as JSON (schema in the README)."""
+    if recorder is None:
+        return error_response(404, TELEMETRY_OFF)
+    return recorder.stats(window, await proxy.vllm_load())

@@ -13,7 +13,11 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.costs import DEFAULT_PRICE_PER_KWH_VND, DEFAULT_USD_RATE, ApiPrice, Tariff, default_api_prices
+from server.ledger import default_ledger_path
+
 Device = Literal["auto", "cpu", "gpu"]
+PowerSourceChoice = Literal["auto", "nvml", "rapl", "none"]
 
 
 def default_cache_dir() -> Path:
@@ -53,6 +57,22 @@ class Settings(BaseSettings):
     access_log: bool = False
     cache_dir: Path = Field(default_factory=default_cache_dir)
 
+    telemetry: bool = Field(True, description="measure requests (metrics, stats, ledger); off only to benchmark")
+    ledger_path: Path = Field(default_factory=default_ledger_path)
+    stats_retention: int = Field(100_000, ge=100, description="finished requests kept in memory for /stats")
+
+    power_source: PowerSourceChoice = "auto"
+    idle_w: float | None = Field(None, ge=0, description="watts; None: measured at start-up")
+    idle_window_s: float = Field(5.0, gt=0)
+    energy_sample_hz: float = Field(10.0, gt=0, le=1000)
+    energy_ledger_interval_s: float = Field(60.0, gt=0, description="how often energy totals go to the ledger")
+
+    price_per_kwh: float = Field(DEFAULT_PRICE_PER_KWH_VND, ge=0)
+    currency: str = "VND"
+    usd_rate: float = Field(DEFAULT_USD_RATE, gt=0, description="units of `currency` per USD")
+    wall_power_factor: float = Field(1.0, ge=1.0, description="measured energy × this = estimate at the wall")
+    api_prices: dict[str, ApiPrice] = Field(default_factory=default_api_prices)
+
     @field_validator("upstream_url")
     @classmethod
     def _upstream_is_http(cls, url: str | None) -> str | None:
@@ -73,6 +93,10 @@ class Settings(BaseSettings):
     def upstream_base_url(self) -> str:
         """Root URL of the vLLM server the gateway forwards to (no trailing /v1)."""
         return self.upstream_url or f"http://{self.vllm_host}:{self.vllm_port}"
+
+    @property
+    def tariff(self) -> Tariff:
+        return Tariff(self.price_per_kwh, self.currency, self.usd_rate, self.wall_power_factor)
 
     @property
     def manages_vllm(self) -> bool:

@@ -3,14 +3,24 @@
 Tokens come from the upstream's `usage` (chunks are not tokens). For streams the gateway asks
 vLLM for `stream_options.include_usage` and drops that extra usage event again when the client
 did not ask for it, so the client sees exactly what it would have seen from vLLM.
+
+While energy is measured the gateway also asks for `continuous_usage_stats`: vLLM then puts the
+running `usage` on every chunk, which tells the energy meter how many tokens each request
+processed in each interval (prompt tokens at prefill, output tokens as they stream). Those extra
+`usage` fields are removed again unless the client asked for them.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+_request_ids = itertools.count(1)
+TokenSink = Callable[[int], None]
 
 
 @dataclass
@@ -21,12 +31,18 @@ class RequestRecord:
     upstream: str
     stream: bool
     model: str | None = None
+    request_id: int = field(default_factory=lambda: next(_request_ids))
     started_s: float = field(default_factory=time.monotonic)
     first_token_s: float | None = None
     finished_s: float | None = None
     status: int | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    energy_j: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and self.status < 400
 
     @property
     def e2e_ms(self) -> float | None:
@@ -50,41 +66,79 @@ class RequestRecord:
             self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
 
 
-def request_usage_in_stream(payload: dict[str, Any]) -> tuple[bytes | None, bool]:
-    """For a streaming request: (body to send upstream or None if unchanged, client asked for usage)."""
+def request_usage_in_stream(payload: dict[str, Any], continuous: bool = False) -> tuple[bytes | None, UsageWish]:
+    """For a streaming request: (body to send upstream, None if unchanged; what the client asked for).
+
+    `continuous`: also ask vLLM for `usage` on every chunk (for energy attribution).
+    """
     options = payload.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage"):
-        return None, True
-    rewritten = dict(payload)
-    rewritten["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    return json.dumps(rewritten, ensure_ascii=False).encode(), False
+    options = options if isinstance(options, dict) else {}
+    wish = UsageWish(bool(options.get("include_usage")), bool(options.get("continuous_usage_stats")))
+    wanted = {"include_usage": True, **({"continuous_usage_stats": True} if continuous else {})}
+    if all(options.get(key) for key in wanted):
+        return None, wish
+    rewritten = {**payload, "stream_options": {**options, **wanted}}
+    return json.dumps(rewritten, ensure_ascii=False).encode(), wish
+
+
+@dataclass(frozen=True, slots=True)
+class UsageWish:
+    """Which `stream_options` the client itself set (vLLM honours continuous only with include)."""
+
+    include_usage: bool
+    continuous_usage_stats: bool
+
+    @property
+    def continuous(self) -> bool:
+        return self.include_usage and self.continuous_usage_stats
 
 
 class StreamObserver:
-    """Watches relayed SSE events: first content, usage; says which events the client gets."""
+    """Watches relayed SSE events: first content, usage, tokens as they come; shapes what the client gets."""
 
-    __slots__ = ("_record", "_client_wants_usage")
+    __slots__ = ("_record", "_wish", "_on_tokens", "_tokens_seen")
 
-    def __init__(self, record: RequestRecord, client_wants_usage: bool):
+    def __init__(self, record: RequestRecord, wish: UsageWish, on_tokens: TokenSink | None = None):
         self._record = record
-        self._client_wants_usage = client_wants_usage
+        self._wish = wish
+        self._on_tokens = on_tokens
+        self._tokens_seen = 0
 
-    def keep(self, event: bytes) -> bool:
-        """Record what `event` tells; False for the usage-only event the client did not ask for."""
+    def keep(self, event: bytes) -> bytes | None:
+        """Record what `event` tells; returns the event for the client, or None to drop it.
+
+        Dropped: the usage-only event the client did not ask for. Rewritten: chunks that carry a
+        running `usage` the client did not ask for (the field is removed).
+        """
         if not event.startswith(b"data: {"):
-            return True
+            return event
         try:
             chunk = json.loads(event[6:])
         except ValueError:
-            return True
+            return event
         choices = chunk.get("choices") or []
         if self._record.first_token_s is None and any(_has_content(choice) for choice in choices):
             self._record.first_token_s = time.monotonic()
         usage = chunk.get("usage")
-        if usage:
-            self._record.take_usage(usage)
-            return bool(choices) or self._client_wants_usage
-        return True
+        if not usage:
+            return event
+        self._record.take_usage(usage)
+        self._count_tokens(usage)
+        if not choices:
+            return event if self._wish.include_usage else None
+        if self._wish.continuous:
+            return event
+        del chunk["usage"]
+        return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+    def _count_tokens(self, usage: dict[str, Any]) -> None:
+        """Tell the sink how many tokens (prompt + output) this chunk's running usage added."""
+        if self._on_tokens is None:
+            return
+        total = (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
+        if total > self._tokens_seen:
+            self._on_tokens(total - self._tokens_seen)
+            self._tokens_seen = total
 
 
 def _has_content(choice: Any) -> bool:

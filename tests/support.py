@@ -17,6 +17,8 @@ from pathlib import Path
 
 import psutil
 
+from server.power import Reading
+
 STUDENT = str(Path(sys.executable).with_name("student"))
 
 
@@ -74,6 +76,7 @@ class Stack:
     log_path: Path
     port: int
     vllm_port: int
+    ledger_path: Path
     descendants: list[psutil.Process] = field(default_factory=list)
 
     @property
@@ -124,19 +127,46 @@ class Stack:
 
 
 def start_stack(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Stack:
-    """Start `student serve ARGS` on free ports; call `wait_ready()` before use."""
+    """Start `student serve ARGS` on free ports; call `wait_ready()` before use.
+
+    Its ledger is `ledger.sqlite3` beside the log unless `env` names another.
+    """
     port, vllm_port = free_port(), free_port()
     log = log_path.open("w")
+    ledger_path = log_path.parent / "ledger.sqlite3"
     process = subprocess.Popen(
         [STUDENT, "serve", "--port", str(port), "--vllm-port", str(vllm_port), *args],
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "STUDENT_LEDGER_PATH": str(ledger_path), **(env or {})},
     )
-    return Stack(process, log_path, port, vllm_port)
+    return Stack(process, log_path, port, vllm_port, ledger_path)
 
 
 def _listening(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+class SteadyPowerSource:
+    """A stand-in for a GPU's energy counter (this machine has none): a constant `watts`.
+
+    Behind the same `PowerSource` interface as NVML and RAPL, so the real meter, recorder and
+    gateway run on it; its readings are wall-clock times and `watts` × elapsed joules.
+    """
+
+    name = "steady-test-source"
+    status = "ok"
+    reason = "constant power for tests"
+
+    def __init__(self, watts: float):
+        self._watts = watts
+        self._start_s = time.monotonic()
+
+    def read(self) -> Reading:
+        now_s = time.monotonic()
+        return Reading(now_s, self._watts * (now_s - self._start_s), self._watts)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,264 @@
+"""The numbers behind `GET /stats`: counts, tokens, latency percentiles, energy and money.
+
+All-time counts (requests, tokens, API-equivalent cost) are exact counters. Percentiles and
+`?window=SECONDS` figures come from the most recent finished requests kept in memory
+(`stats_retention`, 100,000 by default). Window energy comes from the meter's totals, noted
+once a second. Latency percentiles cover successful requests only; errors are counted apart.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from server.costs import ApiPrice, Tariff, projected_month
+from server.energy import EnergySnapshot
+
+SECONDS_PER_DAY = 86_400.0
+DAYS_PER_MONTH = 30.0
+PERCENTILES = (50, 95, 99)
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedRequest:
+    """What /stats keeps of one finished request (no text). Times are monotonic seconds."""
+
+    finished_s: float
+    ok: bool
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float | None
+    tpot_ms: float | None
+    e2e_ms: float
+    energy_j: float | None
+    api_cost_usd: Mapping[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyTotals:
+    """The meter's cumulative joules at one moment."""
+
+    total_j: float
+    active_j: float
+    idle_j: float
+    unattributed_j: float
+
+    @staticmethod
+    def of(snapshot: EnergySnapshot) -> EnergyTotals | None:
+        if snapshot.total_j is None:
+            return None
+        return EnergyTotals(
+            snapshot.total_j, snapshot.active_j or 0.0, snapshot.idle_j or 0.0, snapshot.unattributed_j or 0.0
+        )
+
+    def minus(self, earlier: EnergyTotals) -> EnergyTotals:
+        return EnergyTotals(
+            self.total_j - earlier.total_j,
+            self.active_j - earlier.active_j,
+            self.idle_j - earlier.idle_j,
+            self.unattributed_j - earlier.unattributed_j,
+        )
+
+
+ZERO_ENERGY = EnergyTotals(0.0, 0.0, 0.0, 0.0)
+
+
+@dataclass
+class StatsBook:
+    """Finished requests and energy history of one gateway process."""
+
+    retention: int = 100_000
+    energy_history_s: float = SECONDS_PER_DAY
+    started_s: float = field(default_factory=time.monotonic)
+    total: int = 0
+    ok: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    api_cost_usd: dict[str, float] = field(default_factory=dict)
+    _recent: deque[FinishedRequest] = field(init=False)
+    _energy: deque[tuple[float, EnergyTotals]] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        self._recent = deque(maxlen=self.retention)
+
+    def add(self, request: FinishedRequest) -> None:
+        self.total += 1
+        self.ok += request.ok
+        self.prompt_tokens += request.prompt_tokens
+        self.completion_tokens += request.completion_tokens
+        for name, cost in request.api_cost_usd.items():
+            self.api_cost_usd[name] = self.api_cost_usd.get(name, 0.0) + cost
+        self._recent.append(request)
+
+    def note_energy(self, now_s: float, totals: EnergyTotals) -> None:
+        """Remember the meter's totals at `now_s` (called about once a second)."""
+        self._energy.append((now_s, totals))
+        while self._energy and self._energy[0][0] < now_s - self.energy_history_s:
+            self._energy.popleft()
+
+    def recent(self, since_s: float | None = None) -> list[FinishedRequest]:
+        """Kept requests that finished at or after `since_s` (monotonic seconds; None: all kept)."""
+        if since_s is None:
+            return list(self._recent)
+        found = []
+        for request in reversed(self._recent):  # kept in finishing order: stop at the first older one
+            if request.finished_s < since_s:
+                break
+            found.append(request)
+        found.reverse()
+        return found
+
+    def energy_since(self, since_s: float, now: EnergyTotals) -> EnergyTotals:
+        """Energy used since `since_s`: `now` minus the last totals noted at or before it."""
+        base = ZERO_ENERGY
+        for noted_s, totals in self._energy:
+            if noted_s > since_s:
+                break
+            base = totals
+        return now.minus(base)
+
+
+def percentiles(values: Iterable[float | None]) -> dict[str, float | int | None]:
+    """p50/p95/p99 (linear interpolation) and the count of values; percentiles None when empty."""
+    present = [value for value in values if value is not None]
+    result: dict[str, float | int | None] = {"count": len(present)}
+    points = np.percentile(present, PERCENTILES).tolist() if present else [None] * len(PERCENTILES)
+    result.update({f"p{p}": point for p, point in zip(PERCENTILES, points, strict=True)})
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class StatsInputs:
+    """Everything /stats reports besides the book: the meter now, prices, vLLM's own gauges."""
+
+    energy: EnergySnapshot
+    tariff: Tariff
+    api_prices: Mapping[str, ApiPrice]
+    in_flight: int
+    upstream: dict[str, Any]
+
+
+def build_stats(book: StatsBook, inputs: StatsInputs, window_s: float | None, now_s: float) -> dict[str, Any]:
+    """The /stats document (schema in the README) for the last `window_s` seconds or since start."""
+    uptime_s = now_s - book.started_s
+    span_s = uptime_s if window_s is None else min(window_s, uptime_s)
+    requests = book.recent(None if window_s is None else now_s - span_s)
+    if window_s is None:
+        counts = {"total": book.total, "ok": book.ok, "error": book.total - book.ok}
+        tokens = {"prompt": book.prompt_tokens, "completion": book.completion_tokens}
+        api_cost = dict(book.api_cost_usd)
+    else:
+        ok = sum(request.ok for request in requests)
+        counts = {"total": len(requests), "ok": ok, "error": len(requests) - ok}
+        tokens = {
+            "prompt": sum(r.prompt_tokens for r in requests),
+            "completion": sum(r.completion_tokens for r in requests),
+        }
+        api_cost = {name: sum(r.api_cost_usd.get(name, 0.0) for r in requests) for name in inputs.api_prices}
+    successful = [request for request in requests if request.ok]
+    energy = _energy_block(book, inputs, window_s, now_s - span_s)
+    return {
+        "window_s": window_s,
+        "uptime_s": uptime_s,
+        "requests": {**counts, "in_flight": inputs.in_flight},
+        "tokens": tokens,
+        "throughput": {
+            "requests_per_s": counts["total"] / span_s if span_s > 0 else None,
+            "completion_tokens_per_s": tokens["completion"] / span_s if span_s > 0 else None,
+        },
+        "latency_ms": {
+            "ttft": percentiles(r.ttft_ms for r in successful),
+            "tpot": percentiles(r.tpot_ms for r in successful),
+            "e2e": percentiles(r.e2e_ms for r in successful),
+        },
+        "energy": energy,
+        "cost": _cost_block(inputs, energy, requests, counts["total"], span_s, api_cost),
+        "upstream": inputs.upstream,
+    }
+
+
+def _energy_block(book: StatsBook, inputs: StatsInputs, window_s: float | None, since_s: float) -> dict[str, Any]:
+    snapshot = inputs.energy
+    block: dict[str, Any] = {
+        "status": snapshot.status,
+        "reason": snapshot.reason,
+        "source": snapshot.source,
+        "total_j": None,
+        "active_j": None,
+        "idle_j": None,
+        "unattributed_j": None,
+        "kwh": None,
+        "power_w": snapshot.power_w,
+        "idle_w": snapshot.idle_w,
+        "idle_measuring": snapshot.idle_measuring,
+        "wall_power_factor": inputs.tariff.wall_power_factor,
+    }
+    now = EnergyTotals.of(snapshot)
+    if now is None:
+        return block
+    used = now if window_s is None else book.energy_since(since_s, now)
+    block.update(
+        total_j=used.total_j,
+        active_j=used.active_j,
+        idle_j=used.idle_j,
+        unattributed_j=used.unattributed_j,
+        kwh=used.total_j / 3_600_000.0,
+    )
+    return block
+
+
+def _cost_block(
+    inputs: StatsInputs,
+    energy: dict[str, Any],
+    requests: list[FinishedRequest],
+    request_count: int,
+    span_s: float,
+    api_cost: dict[str, float],
+) -> dict[str, Any]:
+    tariff = inputs.tariff
+    electricity = tariff.energy_cost(energy["total_j"])
+    electricity_usd = tariff.to_usd(electricity)
+    measured = [r.energy_j for r in requests if r.energy_j is not None]
+    energy_per_request_j = sum(measured) / len(measured) if measured else None
+    requests_per_day = request_count / span_s * SECONDS_PER_DAY if span_s > 0 else 0.0
+    month = projected_month(energy["idle_w"], energy_per_request_j, requests_per_day, tariff, DAYS_PER_MONTH)
+    month_usd = tariff.to_usd(month)
+    return {
+        "currency": tariff.currency,
+        "price_per_kwh": tariff.price_per_kwh,
+        "usd_rate": tariff.usd_rate,
+        "wall_power_factor": tariff.wall_power_factor,
+        "electricity": electricity,
+        "electricity_usd": electricity_usd,
+        "per_request": tariff.energy_cost(energy_per_request_j),
+        "requests_per_day": requests_per_day,
+        "projected_month": month,
+        "projected_month_usd": month_usd,
+        "api_equivalent": {
+            name: _api_block(api_cost.get(name, 0.0), request_count, requests_per_day, electricity_usd, month_usd)
+            for name in inputs.api_prices
+        },
+    }
+
+
+def _api_block(
+    cost_usd: float,
+    request_count: int,
+    requests_per_day: float,
+    electricity_usd: float | None,
+    month_electricity_usd: float | None,
+) -> dict[str, float | None]:
+    """An API's cost for the same tokens, its month at the observed rate, and the savings (USD)."""
+    per_request_usd = cost_usd / request_count if request_count else 0.0
+    month_usd = per_request_usd * requests_per_day * DAYS_PER_MONTH
+    return {
+        "cost_usd": cost_usd,
+        "saving_usd": None if electricity_usd is None else cost_usd - electricity_usd,
+        "projected_month_usd": month_usd,
+        "projected_month_saving_usd": None if month_electricity_usd is None else month_usd - month_electricity_usd,
+    }
