@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make serve   set up .venv (pinned deps), build the demo student if no MODEL, start the stack
-#   make test    set up .venv, run the whole test suite
+#   make test    set up .venv and a headless Chromium (apt, for the dashboard test), run the whole test suite
 # Options: PROFILE=cpu|gpu (default: gpu if nvidia-smi exists), MODEL=DIR, SERVE_ARGS="--port 9000",
 #          TORCH_INDEX=https://download.pytorch.org/whl/cpu (CPU machines without a local torch wheel),
 #          PYTEST_ARGS="-k merge".
@@ -8,7 +8,7 @@ VENV ?= .venv
 PROFILE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(PROFILE)
 
-.PHONY: setup serve test
+.PHONY: setup browser serve test
 setup: $(STAMP)
 
 $(STAMP): requirements/cpu.lock requirements/gpu.txt pyproject.toml scripts/install.sh
@@ -18,5 +18,9 @@ $(STAMP): requirements/cpu.lock requirements/gpu.txt pyproject.toml scripts/inst
 serve: setup
 	$(VENV)/bin/student serve $(if $(MODEL),--model $(MODEL)) $(SERVE_ARGS)
 
-test: setup
+# Only the tests need a browser; does nothing when Chromium is already installed.
+browser:
+	scripts/install-browser.sh
+
+test: setup browser
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
