@@ -337,7 +337,6 @@ class EnergyMeter:
     def start(self) -> bool:
         """Start the sampler thread; returns False (and starts nothing) when not measuring."""
         if not self.measuring:
-            logger.info("energy: not measured (%s)", self._source.reason)
             return False
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("energy sampler already running")

@@ -8,6 +8,7 @@ here, around uvicorn, rather than living inside the app's lifespan.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
@@ -38,6 +39,14 @@ _FLAG_FIELDS = {
     "kv_cache_gib": "kv_cache_gib",
     "vllm_arg": "vllm_extra_args",
     "access_log": "access_log",
+    "ledger": "ledger_path",
+    "power_source": "power_source",
+    "idle_w": "idle_w",
+    "price_per_kwh": "price_per_kwh",
+    "currency": "currency",
+    "usd_rate": "usd_rate",
+    "wall_power_factor": "wall_power_factor",
+    "telemetry": "telemetry",
 }
 
 
@@ -63,6 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-gib", type=float, help="CPU only: KV cache size in GiB (default 2)")
     parser.add_argument("--vllm-arg", action="append", help="extra argument for vLLM (repeatable)")
     parser.add_argument("--access-log", action="store_true", default=None, help="log one line per request: status, tokens, TTFT, TPOT, latency")
+    measuring = parser.add_argument_group("measuring and money")
+    measuring.add_argument("--ledger", type=Path, help="SQLite ledger file (default ~/.local/share/student-serve/ledger.sqlite3)")
+    measuring.add_argument("--power-source", choices=["auto", "nvml", "rapl", "none"], help="energy meter source (default auto: NVML, else RAPL)")
+    measuring.add_argument("--idle-w", type=float, help="idle power in watts (default: measured over the first 5 s)")
+    measuring.add_argument("--price-per-kwh", type=float, help="electricity price per kWh (default 2998, VND)")
+    measuring.add_argument("--currency", help="currency of --price-per-kwh (default VND)")
+    measuring.add_argument("--usd-rate", type=float, help="units of --currency per USD (default 25000)")
+    measuring.add_argument("--wall-power-factor", type=float, help="measured energy x this = wall estimate (default 1.0: device only)")
+    measuring.add_argument("--no-telemetry", dest="telemetry", action="store_false", default=None, help="measure nothing (only to benchmark the gateway)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -90,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
 def serve(settings: Settings) -> int:
     """Run until interrupted; returns the process exit code."""
+    _log_to_stderr()
     _require_free_port(settings.host, settings.port, "gateway")
     if settings.manages_vllm:
         _require_free_port(settings.vllm_host, settings.vllm_port, "vLLM")
@@ -172,8 +191,20 @@ def _print_usage(settings: Settings) -> None:
         f"  try: curl -N {url}/chat/completions -H 'Content-Type: application/json' -d "
         f"'{{\"model\": \"{settings.served_model_name}\", \"stream\": true, "
         f"\"messages\": [{{\"role\": \"user\", \"content\": \"Đơn hàng của tôi đang ở đâu?\"}}]}}'\n"
-        f"  or:  OpenAI(base_url=\"{url}\", api_key=\"unused\")   health: /health  ready: /ready"
+        f"  or:  OpenAI(base_url=\"{url}\", api_key=\"unused\")   health: /health  ready: /ready\n"
+        f"  measured: http://{settings.host}:{settings.port}/dashboard  /stats  /metrics   "
+        f"ledger: {settings.ledger_path} (student report)"
     )
+
+
+def _log_to_stderr() -> None:
+    """The gateway's own loggers (`server.*`) print like `_say` does; uvicorn keeps its own."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[student] %(message)s"))
+    package_logger = logging.getLogger("server")
+    package_logger.handlers[:] = [handler]
+    package_logger.setLevel(logging.INFO)
+    package_logger.propagate = False
 
 
 def _say(message: str) -> None:
