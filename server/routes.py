@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from server.errors import error_response
 from server.proxy import UpstreamProxy
 from server.recorder import RequestRecorder
+from server.stats import MAX_WINDOW_S
 from server.supervisor import VllmSupervisor
 
 
@@ -78,7 +79,7 @@ async def metrics(recorder: RecorderDep) -> Response:
 async def stats(
     recorder: RecorderDep,
     proxy: ProxyDep,
-    window: Annotated[float | None, Query(gt=0, le=30 * 86_400, description="seconds; default: since start")] = None,
+    window: Annotated[float | None, Query(gt=0, le=MAX_WINDOW_S, description="seconds; default: since start")] = None,
 ) -> Response | dict:
     """Requests, tokens, latency percentiles, energy and money as JSON (schema in the README)."""
     if recorder is None:

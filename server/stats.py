@@ -20,6 +20,7 @@ from server.costs import ApiPrice, Tariff, projected_month
 from server.energy import EnergySnapshot
 
 SECONDS_PER_DAY = 86_400.0
+MAX_WINDOW_S = SECONDS_PER_DAY  # longer spans: `student report`, from the ledger
 DAYS_PER_MONTH = 30.0
 PERCENTILES = (50, 95, 99)
 
@@ -73,7 +74,7 @@ class StatsBook:
     """Finished requests and energy history of one gateway process."""
 
     retention: int = 100_000
-    energy_history_s: float = SECONDS_PER_DAY
+    energy_history_s: float = MAX_WINDOW_S + 60.0
     started_s: float = field(default_factory=time.monotonic)
     total: int = 0
     ok: int = 0
@@ -82,6 +83,7 @@ class StatsBook:
     api_cost_usd: dict[str, float] = field(default_factory=dict)
     _recent: deque[FinishedRequest] = field(init=False)
     _energy: deque[tuple[float, EnergyTotals]] = field(default_factory=deque)
+    _energy_trimmed: bool = False
 
     def __post_init__(self) -> None:
         self._recent = deque(maxlen=self.retention)
@@ -100,6 +102,7 @@ class StatsBook:
         self._energy.append((now_s, totals))
         while self._energy and self._energy[0][0] < now_s - self.energy_history_s:
             self._energy.popleft()
+            self._energy_trimmed = True
 
     def recent(self, since_s: float | None = None) -> list[FinishedRequest]:
         """Kept requests that finished at or after `since_s` (monotonic seconds; None: all kept)."""
@@ -113,14 +116,17 @@ class StatsBook:
         found.reverse()
         return found
 
-    def energy_since(self, since_s: float, now: EnergyTotals) -> EnergyTotals:
-        """Energy used since `since_s`: `now` minus the last totals noted at or before it."""
-        base = ZERO_ENERGY
+    def energy_since(self, since_s: float, now: EnergyTotals) -> EnergyTotals | None:
+        """Energy used since `since_s`: `now` minus the last totals noted at or before it.
+
+        None when history no longer reaches back that far (older notes were dropped).
+        """
+        base = ZERO_ENERGY if not self._energy_trimmed else None
         for noted_s, totals in self._energy:
             if noted_s > since_s:
                 break
             base = totals
-        return now.minus(base)
+        return None if base is None else now.minus(base)
 
 
 def percentiles(values: Iterable[float | None]) -> dict[str, float | int | None]:
@@ -202,6 +208,9 @@ def _energy_block(book: StatsBook, inputs: StatsInputs, window_s: float | None, 
     if now is None:
         return block
     used = now if window_s is None else book.energy_since(since_s, now)
+    if used is None:
+        block["reason"] = f"energy history covers only the last {book.energy_history_s:.0f} s"
+        return block
     block.update(
         total_j=used.total_j,
         active_j=used.active_j,
