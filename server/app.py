@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -20,7 +20,7 @@ from server import dashboard
 from server.energy import EnergyMeter
 from server.errors import install_error_handlers
 from server.ledger import Ledger
-from server.power import PowerSource, cuda_visible_devices, detect_power_source
+from server.power import NvmlSource, PowerLimitError, PowerSource, cuda_visible_devices, detect_power_source
 from server.proxy import UpstreamProxy, create_upstream_session
 from server.recorder import RequestRecorder
 from server.routes import router
@@ -78,6 +78,7 @@ async def _telemetry(settings: Settings, power_source: PowerSource | None) -> As
         source, idle_w=settings.idle_w, idle_window_s=settings.idle_window_s, sample_hz=settings.energy_sample_hz
     )
     ledger = Ledger(settings.ledger_path)
+    restore_limits = _apply_power_limit(settings.power_limit_w, source)
     try:
         if meter.start():
             logger.info("energy: measuring with %s", source.name)
@@ -95,4 +96,25 @@ async def _telemetry(settings: Settings, power_source: PowerSource | None) -> As
             recorder.write_energy_row()
     finally:
         ledger.close()
+        restore_limits()
         source.close()
+
+
+def _apply_power_limit(watts: float | None, source: PowerSource) -> Callable[[], None]:
+    """Cap the GPUs at `watts` (if asked); returns how to put the previous limits back.
+
+    A limit that cannot be applied is a loud warning, not a failed start: the gateway still
+    serves and measures, and /stats shows the limit actually enforced.
+    """
+    if watts is None:
+        return lambda: None
+    if not isinstance(source, NvmlSource):
+        logger.warning("power limit %.0f W not applied: it needs NVML (%s)", watts, source.reason)
+        return lambda: None
+    try:
+        previous_w = source.set_power_limit(watts)
+    except PowerLimitError as error:
+        logger.warning("power limit %.0f W not applied: %s", watts, error)
+        return lambda: None
+    logger.info("power limit %.0f W per GPU applied (was %s W)", watts, previous_w)
+    return lambda: source.restore_power_limits(previous_w)

@@ -307,6 +307,11 @@ class EnergyMeter:
 
     # --- reporting ------------------------------------------------------------------------
 
+    def power_limit_w(self) -> float | None:
+        """The measured devices' enforced power cap in W, where the source can tell (NVML)."""
+        read = getattr(self._source, "power_limit_w", None)
+        return read() if callable(read) and self.measuring else None
+
     def snapshot(self) -> EnergySnapshot:
         status, reason, name = self._source.status, self._source.reason, self._source.name
         with self._lock:

@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 
 __all__ = [
     "NvmlSource",
+    "PowerLimitError",
     "PowerSource",
     "RaplSource",
     "Reading",
@@ -262,6 +263,56 @@ class NvmlSource:
         if self._status == "ok":
             self._status, self._reason = "unavailable", "NVML closed"
 
+    def power_limit_w(self) -> float | None:
+        """The enforced power limit, summed over the chosen GPUs, in W (None when unreadable)."""
+        if self._status != "ok":
+            return None
+        try:
+            return sum(self._nvml.nvmlDeviceGetEnforcedPowerLimit(h) for h in self._handles) / _MW_PER_W
+        except self._nvml.NVMLError:
+            return None
+
+    def set_power_limit(self, watts_per_gpu: float) -> list[float]:
+        """Cap every chosen GPU at `watts_per_gpu`; returns the previous limits (W) to restore.
+
+        Needs root (NVML's own rule) and a value inside the board's constraints; raises
+        `PowerLimitError` with the reason otherwise, leaving every GPU as it was.
+        """
+        if self._status != "ok":
+            raise PowerLimitError(f"a power limit needs NVML: {self._reason}")
+        pynvml = self._nvml
+        try:
+            previous_mw = [pynvml.nvmlDeviceGetPowerManagementLimit(h) for h in self._handles]
+            for handle in self._handles:
+                low_mw, high_mw = pynvml.nvmlDeviceGetPowerManagementLimitConstraints(handle)
+                if not low_mw <= watts_per_gpu * _MW_PER_W <= high_mw:
+                    raise PowerLimitError(
+                        f"{watts_per_gpu:.0f} W is outside this GPU's range "
+                        f"{low_mw / _MW_PER_W:.0f}–{high_mw / _MW_PER_W:.0f} W"
+                    )
+        except pynvml.NVMLError as error:
+            raise PowerLimitError(f"cannot read the power limits: {error}") from None
+        self._set_limits_mw([int(watts_per_gpu * _MW_PER_W)] * len(self._handles), previous_mw)
+        return [mw / _MW_PER_W for mw in previous_mw]
+
+    def restore_power_limits(self, limits_w: Sequence[float]) -> None:
+        """Put back the limits `set_power_limit` returned."""
+        self._set_limits_mw([int(w * _MW_PER_W) for w in limits_w], None)
+
+    def _set_limits_mw(self, limits_mw: Sequence[int], undo_mw: Sequence[int] | None) -> None:
+        pynvml = self._nvml
+        done: list[Any] = []
+        try:
+            for handle, limit_mw in zip(self._handles, limits_mw, strict=True):
+                pynvml.nvmlDeviceSetPowerManagementLimit(handle, limit_mw)
+                done.append(handle)
+        except pynvml.NVMLError as error:
+            if undo_mw is not None:
+                for handle, limit_mw in zip(done, undo_mw, strict=False):
+                    pynvml.nvmlDeviceSetPowerManagementLimit(handle, limit_mw)
+            why = "run as root" if isinstance(error, pynvml.NVMLError_NoPermission) else str(error)
+            raise PowerLimitError(f"cannot set the power limit: {why}") from None
+
     def _fail(self, reason: str) -> None:
         self._reason = reason
         self.close()
@@ -297,6 +348,10 @@ class NvmlSource:
         if field.nvmlReturn != pynvml.NVML_SUCCESS:
             return None
         return float(_field_value(field))
+
+
+class PowerLimitError(Exception):
+    """A GPU power limit could not be applied; the message says why in plain words."""
 
 
 # --- RAPL ---------------------------------------------------------------------------------

@@ -159,6 +159,7 @@ class RequestRecorder:
             api_prices=self._settings.api_prices,
             in_flight=self.in_flight,
             upstream=upstream,
+            power_limit_w=self._meter.power_limit_w(),
         )
         return build_stats(self.book, inputs, window_s, time.monotonic())
 

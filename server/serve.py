@@ -21,6 +21,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from server.app import create_app
+from server.profiles import PROFILES, profile_settings
 from server.settings import Settings
 from server.supervisor import VllmStartError, VllmSupervisor
 
@@ -47,6 +48,8 @@ _FLAG_FIELDS = {
     "usd_rate": "usd_rate",
     "wall_power_factor": "wall_power_factor",
     "telemetry": "telemetry",
+    "power_limit_w": "power_limit_w",
+    "profile": "profile",
 }
 
 
@@ -60,6 +63,7 @@ class ServeError(Exception):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, help="merged student directory (default: the demo student)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), help="hardware profile filling unset options (e.g. rtx4090)")
     parser.add_argument("--host", help="gateway address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="gateway port (default 8000)")
     parser.add_argument("--vllm-port", type=int, help="port of the vLLM child (default 8001)")
@@ -75,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     measuring = parser.add_argument_group("measuring and money")
     measuring.add_argument("--ledger", type=Path, help="SQLite ledger file (default ~/.local/share/student-serve/ledger.sqlite3)")
     measuring.add_argument("--power-source", choices=["auto", "nvml", "rapl", "none"], help="energy meter source (default auto: NVML, else RAPL)")
+    measuring.add_argument("--power-limit-w", type=float, help="cap each GPU at this many watts at start (NVML, needs root); restored at exit")
     measuring.add_argument("--idle-w", type=float, help="idle power in watts (default: measured over the first 5 s)")
     measuring.add_argument("--price-per-kwh", type=float, help="electricity price per kWh (default 2998, VND)")
     measuring.add_argument("--currency", help="currency of --price-per-kwh (default VND)")
@@ -84,14 +89,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Environment (`STUDENT_*`) first, then the flags the user passed."""
+    """Defaults, then the profile (if any), then `STUDENT_*` variables, then the flags passed."""
     overrides = {
         field: getattr(args, flag)
         for flag, field in _FLAG_FIELDS.items()
         if getattr(args, flag, None) is not None
     }
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
+        if settings.profile is None:
+            return settings
+        chosen = settings.model_fields_set
+        filled = {k: v for k, v in profile_settings(settings.profile).items() if k not in chosen}
+        return Settings(**filled, **overrides)
+    except KeyError as exc:
+        raise ServeError(exc.args[0]) from None
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         raise ServeError(f"invalid settings: {problems}") from None

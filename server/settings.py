@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     served_model_name: str = "student"
     upstream_url: str | None = None
 
+    profile: str | None = Field(None, description="named hardware profile (server/profiles.py)")
     vllm_host: str = "127.0.0.1"
     vllm_port: int = Field(8001, ge=1, le=65535)
     device: Device = "auto"
@@ -65,6 +66,7 @@ class Settings(BaseSettings):
     idle_w: float | None = Field(None, ge=0, description="watts; None: measured at start-up")
     idle_window_s: float = Field(5.0, gt=0)
     energy_sample_hz: float = Field(10.0, gt=0, le=1000)
+    power_limit_w: float | None = Field(None, gt=0, description="cap each GPU at this many W (NVML, root)")
     energy_ledger_interval_s: float = Field(60.0, gt=0, description="how often energy totals go to the ledger")
 
     price_per_kwh: float = Field(DEFAULT_PRICE_PER_KWH_VND, ge=0)

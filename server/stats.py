@@ -147,6 +147,7 @@ class StatsInputs:
     api_prices: Mapping[str, ApiPrice]
     in_flight: int
     upstream: dict[str, Any]
+    power_limit_w: float | None = None
 
 
 def build_stats(book: StatsBook, inputs: StatsInputs, window_s: float | None, now_s: float) -> dict[str, Any]:
@@ -168,6 +169,7 @@ def build_stats(book: StatsBook, inputs: StatsInputs, window_s: float | None, no
         api_cost = {name: sum(r.api_cost_usd.get(name, 0.0) for r in requests) for name in inputs.api_prices}
     successful = [request for request in requests if request.ok]
     energy = _energy_block(book, inputs, window_s, now_s - span_s)
+    energy["completion_tokens_per_j"] = tokens["completion"] / energy["total_j"] if energy["total_j"] else None
     return {
         "window_s": window_s,
         "uptime_s": uptime_s,
@@ -203,6 +205,7 @@ def _energy_block(book: StatsBook, inputs: StatsInputs, window_s: float | None, 
         "idle_w": snapshot.idle_w,
         "idle_measuring": snapshot.idle_measuring,
         "wall_power_factor": inputs.tariff.wall_power_factor,
+        "power_limit_w": inputs.power_limit_w,
     }
     now = EnergyTotals.of(snapshot)
     if now is None:

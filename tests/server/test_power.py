@@ -54,6 +54,7 @@ def powercap(tmp_path: Path) -> Path:
 def test_public_surface_is_exactly_all() -> None:
     assert set(server.power.__all__) == {
         "NvmlSource",
+        "PowerLimitError",
         "PowerSource",
         "RaplSource",
         "Reading",
