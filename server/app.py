@@ -17,6 +17,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server import dashboard
+from server.admission import AdmissionMiddleware
+from server.auth import AccessMiddleware, load_keys
 from server.energy import EnergyMeter
 from server.errors import install_error_handlers
 from server.ledger import Ledger
@@ -65,6 +67,19 @@ def create_app(
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(dashboard.router)
+    in_flight, queue = settings.admission_limits
+    app.add_middleware(
+        AdmissionMiddleware,
+        max_in_flight=in_flight,
+        max_queue=queue,
+        upstream_ready=lambda: supervisor is None or supervisor.status()[0] == "running",
+    )
+    app.add_middleware(
+        AccessMiddleware,
+        digests=load_keys(settings.api_keys, settings.api_keys_file),
+        observability=settings.observability_access,
+        requests_per_minute=settings.rate_limit_rpm,
+    )
     return app
 
 

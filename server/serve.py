@@ -21,6 +21,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from server.app import create_app
+from server.auth import KeyFileError, load_keys
 from server.profiles import PROFILES, profile_settings
 from server.settings import Settings
 from server.supervisor import VllmStartError, VllmSupervisor
@@ -49,6 +50,11 @@ _FLAG_FIELDS = {
     "wall_power_factor": "wall_power_factor",
     "telemetry": "telemetry",
     "power_limit_w": "power_limit_w",
+    "api_keys_file": "api_keys_file",
+    "observability": "observability_access",
+    "rate_limit_rpm": "rate_limit_rpm",
+    "max_in_flight": "max_in_flight",
+    "max_queue": "max_queue",
     "profile": "profile",
 }
 
@@ -76,6 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-gib", type=float, help="CPU only: KV cache size in GiB (default 2)")
     parser.add_argument("--vllm-arg", action="append", help="extra argument for vLLM (repeatable)")
     parser.add_argument("--access-log", action="store_true", default=None, help="log one line per request: status, tokens, TTFT, TPOT, latency")
+    access = parser.add_argument_group("who may call, and how many at once")
+    access.add_argument("--api-keys-file", type=Path, help="file of name=key lines; /v1/* then needs Authorization: Bearer KEY (or STUDENT_API_KEYS)")
+    access.add_argument("--observability", choices=["open", "key", "localhost"], help="who may read /metrics, /stats, /dashboard (default open)")
+    access.add_argument("--rate-limit-rpm", type=int, help="requests per minute per key (429 + Retry-After beyond)")
+    access.add_argument("--max-in-flight", type=int, help="answers the gateway lets run at once (default 2 x max-num-seqs)")
+    access.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (default 3 x max-num-seqs)")
     measuring = parser.add_argument_group("measuring and money")
     measuring.add_argument("--ledger", type=Path, help="SQLite ledger file (default ~/.local/share/student-serve/ledger.sqlite3)")
     measuring.add_argument("--power-source", choices=["auto", "nvml", "rapl", "none"], help="energy meter source (default auto: NVML, else RAPL)")
@@ -121,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
 def serve(settings: Settings) -> int:
     """Run until interrupted; returns the process exit code."""
     _log_to_stderr()
+    try:
+        keys = load_keys(settings.api_keys, settings.api_keys_file)  # fail before vLLM spends a minute
+    except KeyFileError as exc:
+        raise ServeError(str(exc)) from None
+    if keys:
+        _say(f"API keys required on /v1/* ({len(keys)} key(s): {', '.join(sorted(keys.values()))})")
     _require_free_port(settings.host, settings.port, "gateway")
     if settings.manages_vllm:
         _require_free_port(settings.vllm_host, settings.vllm_port, "vLLM")

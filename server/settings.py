@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     ready_timeout_s: float = Field(2.0, gt=0)
 
     access_log: bool = False
+
+    api_keys: str | None = Field(None, repr=False, description="name=key pairs, comma-separated")
+    api_keys_file: Path | None = Field(None, description="file of name=key lines")
+    observability_access: Literal["open", "key", "localhost"] = "open"
+    rate_limit_rpm: int | None = Field(None, ge=1, description="requests per minute per key")
+    max_in_flight: int | None = Field(None, ge=1, description="default 2 × max_num_seqs")
+    max_queue: int | None = Field(None, ge=0, description="default 3 × max_num_seqs")
     cache_dir: Path = Field(default_factory=default_cache_dir)
 
     telemetry: bool = Field(True, description="measure requests (metrics, stats, ledger); off only to benchmark")
@@ -95,6 +102,13 @@ class Settings(BaseSettings):
     def upstream_base_url(self) -> str:
         """Root URL of the vLLM server the gateway forwards to (no trailing /v1)."""
         return self.upstream_url or f"http://{self.vllm_host}:{self.vllm_port}"
+
+    @property
+    def admission_limits(self) -> tuple[int, int]:
+        """(answers in flight, waiting line): by default 2 and 3 × vLLM's batch (5 in all)."""
+        in_flight = self.max_in_flight if self.max_in_flight is not None else 2 * self.max_num_seqs
+        queue = self.max_queue if self.max_queue is not None else 3 * self.max_num_seqs
+        return in_flight, queue
 
     @property
     def tariff(self) -> Tariff:

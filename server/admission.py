@@ -1,0 +1,75 @@
+"""Admission control: a cap on answers in flight and on the gateway's waiting line.
+
+vLLM runs `max_num_seqs` sequences at once and queues the rest without limit; under a flood its
+queue, and every client's latency, would grow without bound. The gateway admits at most
+`max_in_flight` generation requests at a time (by default twice vLLM's batch: a full batch plus
+a full queue behind it), lets at most `max_queue` more wait for a slot (three batches), and answers
+the rest at once with 429 and `Retry-After`, which the official OpenAI clients honour. So
+admitted requests keep their latency and the gateway holds at most five batches' worth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.errors import error_response
+
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+class AdmissionMiddleware:
+    """ASGI middleware holding a slot from admission until the answer's last byte is sent."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_in_flight: int,
+        max_queue: int,
+        upstream_ready: Callable[[], bool] = lambda: True,
+        retry_after_s: int = 1,
+    ):
+        if max_in_flight < 1 or max_queue < 0:
+            raise ValueError("max_in_flight must be >= 1 and max_queue >= 0")
+        self._app = app
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self.max_in_flight = max_in_flight
+        self.max_queue = max_queue
+        self._upstream_ready = upstream_ready
+        self._retry_after_s = retry_after_s
+        self.in_flight = 0
+        self.waiting = 0
+        self.rejected = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in GENERATION_PATHS:
+            await self._app(scope, receive, send)
+            return
+        if self._slots.locked() and self.waiting >= self.max_queue:
+            self.rejected += 1
+            await self._refuse()(scope, receive, send)
+            return
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.in_flight += 1
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            self._slots.release()
+
+    def _refuse(self):  # noqa: ANN202  an ASGI response
+        headers = {"Retry-After": str(self._retry_after_s)}
+        if not self._upstream_ready():
+            return error_response(503, "the model server is not ready; retry shortly", headers=headers)
+        return error_response(
+            429,
+            f"the gateway is at capacity ({self.max_in_flight} answering, {self.max_queue} waiting); retry shortly",
+            type_="rate_limit_error",
+            headers=headers,
+        )

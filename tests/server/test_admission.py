@@ -1,0 +1,51 @@
+"""Admission control against a real gateway and vLLM: beyond the cap and the line, 429 at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from openai import OpenAI, RateLimitError
+
+from tests.support import Stack, post_json, start_stack
+
+LONG = {"max_tokens": 1500, "extra_body": {"ignore_eos": True}}
+
+
+def test_requests_beyond_the_cap_and_the_line_get_429_and_admitted_ones_finish(
+    stack: Stack, tmp_path: Path
+) -> None:
+    gateway = start_stack(
+        ["--upstream", stack.vllm_url, "--max-in-flight", "1", "--max-queue", "1"], tmp_path / "gateway.log"
+    )
+    try:
+        gateway.wait_ready(60)
+        client = OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+        finished: list[int] = []
+
+        def long_answer() -> None:
+            answer = client.completions.create(model="student", prompt="Xin chào", **LONG)
+            finished.append(answer.usage.completion_tokens)
+
+        workers = [threading.Thread(target=long_answer) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+            time.sleep(0.3)  # the first is answering, the second waits in line
+        started_s = time.monotonic()
+        try:
+            client.completions.create(model="student", prompt="Xin chào", max_tokens=2)
+            refused = None
+        except RateLimitError as error:
+            refused = error
+        refused_in_s = time.monotonic() - started_s
+        for worker in workers:
+            worker.join(120)
+        assert refused is not None, "a third request must be refused while one answers and one waits"
+        assert refused.response.headers["Retry-After"] == "1" and "at capacity" in refused.message
+        assert refused_in_s < 2.0  # refused at once, not after waiting for a slot
+        assert finished == [1500, 1500]
+        status, body = post_json(f"{gateway.url}/v1/completions", {"model": "student", "prompt": "a", "max_tokens": 2})
+        assert status == 200 and body["usage"]["completion_tokens"] == 2  # capacity is back
+    finally:
+        gateway.stop()
