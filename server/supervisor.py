@@ -1,8 +1,10 @@
-"""Run vLLM's OpenAI server as a child process: start, wait until healthy, forward logs, stop.
+"""Run vLLM's OpenAI server as a child process: start, wait until healthy, forward logs, restart, stop.
 
 vLLM spawns its own engine and worker processes. The child gets a process group of its own so
 that stopping it stops all of them, and a parent-death signal so that even a SIGKILLed
-`student serve` leaves no vLLM behind.
+`student serve` leaves no vLLM behind. A vLLM that dies after start-up (out of GPU memory, a
+crashed engine) is restarted with exponential backoff (1 s, 2 s, 4 s, … up to 60 s; back to 1 s
+after it ran for 5 minutes), while the gateway answers 503 with `Retry-After`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from server.settings import Settings
 LOG_PREFIX = "[vllm] "
 TAIL_LINES = 40
 _PR_SET_PDEATHSIG = 1
+RESTART_BACKOFF_S = (1.0, 60.0)  # first wait, longest wait
+STABLE_AFTER_S = 300.0  # a vLLM that ran this long starts the backoff afresh
+State = Literal["not started", "running", "restarting", "stopping", "exited"]
 
 
 class VllmStartError(RuntimeError):
@@ -86,6 +91,13 @@ class VllmSupervisor:
         self._process: subprocess.Popen[str] | None = None
         self._log_thread: threading.Thread | None = None
         self._stopping = False
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._restart_wait_s = RESTART_BACKOFF_S[0]
+        self._restarting_reason: str | None = None
+        self.restarts = 0
+        self._started_s = 0.0
+        self._watcher: threading.Thread | None = None
 
     @property
     def pid(self) -> int | None:
@@ -95,10 +107,12 @@ class VllmSupervisor:
     def health_url(self) -> str:
         return f"{self._settings.upstream_base_url}/health"
 
-    def status(self) -> tuple[Literal["not started", "running", "stopping", "exited"], str]:
+    def status(self) -> tuple[State, str]:
         """A state and a plain-language reason, for `/ready` and logs."""
         if self._process is None:
             return "not started", "vLLM has not been started"
+        if self._restarting_reason is not None and not self._stopping:
+            return "restarting", self._restarting_reason
         code = self._process.poll()
         if code is None:
             return ("stopping", "vLLM is shutting down") if self._stopping else (
@@ -116,8 +130,12 @@ class VllmSupervisor:
             raise RuntimeError("vLLM already started")
         if not self._model_dir.is_dir():
             raise VllmStartError(f"model directory {self._model_dir} does not exist")
+        self._launch()
+
+    def _launch(self) -> None:
         command = vllm_command(self._settings, self._model_dir)
         self._write(f"{LOG_PREFIX}starting: {' '.join(command)}")
+        self._started_s = time.monotonic()
         self._process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -130,7 +148,9 @@ class VllmSupervisor:
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        self._log_thread = threading.Thread(target=self._forward_logs, name="vllm-logs", daemon=True)
+        self._log_thread = threading.Thread(
+            target=self._forward_logs, args=(self._process,), name="vllm-logs", daemon=True
+        )
         self._log_thread.start()
 
     def wait_ready(self, timeout_s: float | None = None, poll_s: float = 0.5) -> float:
@@ -147,6 +167,9 @@ class VllmSupervisor:
                     f"vLLM exited with code {code} during start-up. Last log lines:\n{self.log_tail()}"
                 )
             if _answers_health(self.health_url):
+                if self._watcher is None:
+                    self._watcher = threading.Thread(target=self._watch, name="vllm-watch", daemon=True)
+                    self._watcher.start()
                 return time.monotonic() - started
             if time.monotonic() - started > limit_s:
                 self.stop()
@@ -158,10 +181,12 @@ class VllmSupervisor:
 
     def stop(self) -> int | None:
         """SIGTERM the whole process group, SIGKILL after the grace period; returns the exit code."""
-        process = self._process
+        with self._lock:
+            self._stopping = True
+            self._stop_event.set()
+            process = self._process
         if process is None:
             return None
-        self._stopping = True
         if process.poll() is None:
             self._signal_group(signal.SIGTERM)
             try:
@@ -188,15 +213,49 @@ class VllmSupervisor:
         except ProcessLookupError:
             pass
 
-    def _forward_logs(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        for line in self._process.stdout:
+    def _forward_logs(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
             line = line.rstrip("\n")
             self._tail.append(line)
             self._write(LOG_PREFIX + line)
-        code = self._process.wait()
-        if not self._stopping:
-            self._write(f"{LOG_PREFIX}exited unexpectedly with code {code}; requests get 503 until restarted")
+
+    def _watch(self) -> None:
+        """Lives as long as the supervisor: restarts a vLLM that died on its own.
+
+        Restarts are launched from this thread because a child's parent-death signal follows
+        the thread that started it: one started from a short-lived thread would be killed.
+        """
+        while True:
+            process = self._process
+            assert process is not None
+            code = process.wait()
+            if self._stopping:
+                return
+            if time.monotonic() - self._started_s >= STABLE_AFTER_S:
+                self._restart_wait_s = RESTART_BACKOFF_S[0]
+            wait_s = self._restart_wait_s
+            self._restart_wait_s = min(wait_s * 2, RESTART_BACKOFF_S[1])
+            self._restarting_reason = f"vLLM exited with code {code}; restarting in {wait_s:g} s"
+            self._write(f"{LOG_PREFIX}exited unexpectedly with code {code}; restarting in {wait_s:g} s, requests get 503 meanwhile")
+            if self._stop_event.wait(wait_s):
+                return
+            with self._lock:
+                if self._stopping:
+                    return
+                self.restarts += 1
+                self._restarting_reason = f"vLLM is starting again after exiting with code {code} (restart {self.restarts})"
+                self._launch()
+            self._wait_recovered(self._process)
+
+    def _wait_recovered(self, process: subprocess.Popen[str] | None) -> None:
+        """Clear the restarting state once the new vLLM answers /health (or return if it died)."""
+        while not self._stop_event.is_set() and process is not None and process.poll() is None:
+            if _answers_health(self.health_url):
+                self._restarting_reason = None
+                self._write(f"{LOG_PREFIX}back after restart {self.restarts}")
+                return
+            self._stop_event.wait(1.0)
 
     def _join_logs(self) -> None:
         if self._log_thread is not None:

@@ -95,7 +95,7 @@ def test_startup_failure_through_serve_exits_with_the_reason(tiny_model_dir: Pat
         stack.kill_all()
 
 
-def test_gateway_survives_a_vllm_crash(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_gateway_survives_a_vllm_crash_and_vllm_comes_back_by_itself(tiny_model_dir: Path, tmp_path: Path) -> None:
     stack = start_stack(["--model", str(tiny_model_dir), *STACK_ARGS], tmp_path / "serve.log")
     try:
         stack.wait_ready()
@@ -104,10 +104,15 @@ def test_gateway_survives_a_vllm_crash(tiny_model_dir: Path, tmp_path: Path) -> 
         assert wait_for(lambda: "vLLM exited" in http_get(f"{stack.url}/ready")[1].decode(), 10)
         status, body = http_get(f"{stack.url}/ready")
         assert status == 503 and json.loads(body)["error"]["type"] == "service_unavailable"
-        assert wait_for(lambda: "exited unexpectedly with code -9" in stack.log(), 5)
+        assert wait_for(lambda: "exited unexpectedly with code -9; restarting in 1 s" in stack.log(), 5)
         assert http_get(f"{stack.url}/health")[0] == 200
         status, answer = post_json(f"{stack.url}/v1/completions", {"model": "student", "prompt": "hi", "max_tokens": 2})
         assert status == 503 and answer["error"]["type"] == "service_unavailable"
+
+        assert wait_for(lambda: http_get(f"{stack.url}/ready")[0] == 200, 300, interval_s=1.0), stack.log()[-3000:]
+        status, answer = post_json(f"{stack.url}/v1/completions", {"model": "student", "prompt": "hi", "max_tokens": 2})
+        assert status == 200 and answer["usage"]["completion_tokens"] == 2
+        assert "back after restart 1" in stack.log()
         assert stack.stop() == 0
     finally:
         stack.kill_all()
