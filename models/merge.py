@@ -19,6 +19,10 @@ logit 14.9, adapter effect 12.8): float32 6.8e-6 against a tolerance of 1.6e-3, 
 against 0.79, float16 0.011 against 0.16. Every tolerance stays far below the adapter's effect,
 so a merge that silently dropped the adapter fails.
 
+Device: `--device cpu` (the default) or `cuda` loads, merges and verifies on that device; the
+reference and the reloaded merged model run on the same one, and the logits are compared on the
+CPU. Asking for `cuda` where PyTorch sees no CUDA GPU is a `MergeError` that says why.
+
 Writes are atomic: everything goes to a temporary directory beside `--out` that is renamed into
 place only after verification passes. A failed verification leaves its output (with a manifest
 saying `"passed": false`) in `OUT.rejected` for inspection, never at `OUT`.
@@ -62,6 +66,7 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 DTYPES = MappingProxyType({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16})
+DEVICES = ("cpu", "cuda")
 TOLERANCES = MappingProxyType({"float32": (1e-4, 1e-4), "bfloat16": (5e-2, 5e-2), "float16": (1e-2, 1e-2)})
 LORA_MARKERS = (".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
 WRAPPER_SEGMENTS = (".base_layer", ".modules_to_save", ".original_module")
@@ -130,6 +135,7 @@ class MergeResult:
     verification: Verification
     weight_sha256: Mapping[str, str]
     elapsed_s: float
+    device: str = "cpu"
 
 
 @contextmanager
@@ -395,9 +401,10 @@ def prompt_ids(tokenizer: transformers.PreTrainedTokenizerBase) -> list[torch.Te
 
 
 def prompt_logits(model: torch.nn.Module, prompts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Float32 logits for every position of every prompt."""
+    """Float32 logits for every position of every prompt, run on the model's device, returned on the CPU."""
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        return [model(input_ids=ids).logits[0].float() for ids in prompts]
+        return [model(input_ids=ids.to(device)).logits[0].float().cpu() for ids in prompts]
 
 
 def max_abs_diff(left: Sequence[torch.Tensor], right: Sequence[torch.Tensor]) -> float:
@@ -411,6 +418,29 @@ def tolerance_for(
     atol, rtol = TOLERANCES[dtype]
     tolerance = atol + rtol * max_abs_reference_logit if override is None else override
     return tolerance, atol, rtol
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device for `--device`; `MergeError` naming the cause when it cannot be used."""
+    if device not in DEVICES:
+        raise MergeError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            why = f"this PyTorch ({torch.__version__}) was built without CUDA"
+        else:
+            why = (
+                f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA GPU: no NVIDIA driver, "
+                "or CUDA_VISIBLE_DEVICES hides every GPU"
+            )
+        raise MergeError(f"--device cuda was asked for, but CUDA is not available: {why}; use --device cpu")
+    return torch.device(device)
+
+
+def device_name(device: torch.device) -> str:
+    """What the manifest records about the device: the GPU's name, or the CPU architecture."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.machine() or "cpu"
 
 
 def library_versions() -> dict[str, str]:
@@ -449,6 +479,7 @@ def build_manifest(
     verification: Verification,
     weights: Mapping[str, str],
     elapsed_s: float,
+    device: torch.device,
 ) -> dict[str, object]:
     """The provenance record written next to the merged weights (`weights`: file name -> sha256)."""
     return {
@@ -461,6 +492,8 @@ def build_manifest(
             **_lora_summary(lora_config),
         },
         "dtype": dtype,
+        "device": device.type,
+        "device_name": device_name(device),
         "weights": {
             name: {"sha256": digest, "bytes": (out_dir / name).stat().st_size}
             for name, digest in weights.items()
@@ -517,13 +550,17 @@ def save_merged(
         ).save_pretrained(str(out_dir))
 
 
-def _validate_inputs(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str, force: bool) -> None:
+def _validate_inputs(
+    base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str, force: bool, device: str
+) -> torch.device:
     if dtype not in DTYPES:
         raise MergeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    torch_device = check_device(device)
     check_input_dir(base_dir, "base", ("config.json",), "expected a model saved with save_pretrained")
     check_input_dir(base_dir, "base", TOKENIZER_FILES, "the merged model needs the base's tokenizer")
     check_input_dir(adapter_dir, "adapter", (ADAPTER_CONFIG,), "expected a peft adapter (save_pretrained)")
     check_output_dir(out_dir, force, (base_dir, adapter_dir))
+    return torch_device
 
 
 def merge_adapter(
@@ -534,14 +571,19 @@ def merge_adapter(
     force: bool = False,
     progress: Progress = stderr_progress("merge"),
     tolerance: float | None = None,
+    device: str = "cpu",
 ) -> MergeResult:
     """Merge `adapter_dir` into `base_dir`, save to `out_dir` in `dtype`, verify, write the manifest.
 
-    `tolerance` (absolute, in logits) overrides the per-dtype default. Raises a `MergeError`
-    subclass for bad inputs and `VerificationError` (carrying the result) when logits disagree.
+    `tolerance` (absolute, in logits) overrides the per-dtype default. `device` ("cpu" or
+    "cuda") is where loading, merging and verification run. Raises a `MergeError` subclass for
+    bad inputs or an unusable device, and `VerificationError` (carrying the result) when logits
+    disagree.
     """
     with quiet_transformers_progress():
-        return _merge(Path(base_dir), Path(adapter_dir), Path(out_dir), dtype, force, progress, tolerance)
+        return _merge(
+            Path(base_dir), Path(adapter_dir), Path(out_dir), dtype, force, progress, tolerance, device
+        )
 
 
 def _merge(
@@ -552,10 +594,11 @@ def _merge(
     force: bool,
     progress: Progress,
     tolerance: float | None,
+    device: str,
 ) -> MergeResult:
     started_s = time.monotonic()
     base_dir, adapter_dir, out_dir = base_dir.resolve(), adapter_dir.resolve(), out_dir.resolve()
-    _validate_inputs(base_dir, adapter_dir, out_dir, dtype, force)
+    torch_device = _validate_inputs(base_dir, adapter_dir, out_dir, dtype, force, device)
     lora_config = read_lora_config(adapter_dir)
     progress(f"checking adapter {adapter_dir} against base {base_dir}")
     check_adapter_fits(base_dir, adapter_dir, lora_config)
@@ -563,8 +606,8 @@ def _merge(
     check_adapter_tokenizer(adapter_dir, tokenizer)
     prompts = prompt_ids(tokenizer)
 
-    progress(f"loading base from {base_dir}")
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    progress(f"loading base from {base_dir} onto {torch_device.type} ({device_name(torch_device)})")
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(torch_device)
     progress(f"applying adapter from {adapter_dir} (LoRA r={lora_config.r}, alpha={lora_config.lora_alpha})")
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
     peft_model.eval()
@@ -580,7 +623,7 @@ def _merge(
         progress(f"saving {dtype} weights to {out_dir}")
         save_merged(merged, tokenizer, staging)
         del merged, peft_model, base
-        reloaded = AutoModelForCausalLM.from_pretrained(str(staging), dtype=DTYPES[dtype])
+        reloaded = AutoModelForCausalLM.from_pretrained(str(staging), dtype=DTYPES[dtype]).to(torch_device)
         verification = _verify(reference, base_only, prompt_logits(reloaded, prompts), dtype, tolerance)
         progress(
             f"verified on {verification.prompts} prompts: max abs logit diff {verification.max_abs_diff:.3g} "
@@ -589,7 +632,16 @@ def _merge(
             f"{'passed' if verification.passed else 'FAILED'}"
         )
         return _finish(
-            staging, base_dir, adapter_dir, out_dir, lora_config, dtype, verification, started_s, progress
+            staging,
+            base_dir,
+            adapter_dir,
+            out_dir,
+            lora_config,
+            dtype,
+            verification,
+            started_s,
+            progress,
+            torch_device,
         )
     finally:
         if staging.exists():
@@ -628,12 +680,13 @@ def _finish(
     verification: Verification,
     started_s: float,
     progress: Progress,
+    device: torch.device,
 ) -> MergeResult:
     """Write the manifest and move `staging` to `out_dir`, or to `OUT.rejected` if it failed."""
     elapsed_s = time.monotonic() - started_s
     weights = weight_digests(staging)
     manifest = build_manifest(
-        base_dir, adapter_dir, lora_config, dtype, staging, verification, weights, elapsed_s
+        base_dir, adapter_dir, lora_config, dtype, staging, verification, weights, elapsed_s, device
     )
     write_json(manifest, staging / MANIFEST_NAME)
     target = out_dir if verification.passed else out_dir.with_name(f"{out_dir.name}.rejected")
@@ -645,6 +698,7 @@ def _finish(
         verification=verification,
         weight_sha256=MappingProxyType(weights),
         elapsed_s=elapsed_s,
+        device=device.type,
     )
     if not verification.passed:
         raise VerificationError(
@@ -674,13 +728,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="float32",
         help="dtype of the saved weights (default: %(default)s)",
     )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where to load, merge and verify: cpu, or cuda (an NVIDIA GPU) (default: %(default)s)",
+    )
     parser.add_argument("--force", action="store_true", help="replace --out if it already has files")
 
 
 def run(args: argparse.Namespace) -> int:
     """`student merge`: 0 on a verified merge, 1 with a one-line error otherwise."""
     try:
-        result = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, force=args.force)
+        result = merge_adapter(
+            args.base, args.adapter, args.out, dtype=args.dtype, force=args.force, device=args.device
+        )
     except MergeError as error:
         print(f"student merge: error: {error}", file=sys.stderr)
         return 1

@@ -18,6 +18,7 @@ from models.merge import (
     MANIFEST_NAME,
     AdapterMismatchError,
     InputError,
+    MergeError,
     OutputExistsError,
     VerificationError,
     merge_adapter,
@@ -90,6 +91,8 @@ def test_manifest_records_inputs_hashes_and_verification(
 
     assert manifest["format"] == merge.MANIFEST_FORMAT
     assert manifest["dtype"] == "float32"
+    assert (manifest["device"], merged.device) == ("cpu", "cpu")
+    assert manifest["device_name"]
     assert manifest["base"]["path"] == str(tiny_base.resolve())
     base_digest = sha256_of(tiny_base / "model.safetensors")
     assert manifest["base"]["weights_sha256"] == {"model.safetensors": base_digest}
@@ -252,6 +255,42 @@ def test_output_inside_an_input_is_refused_even_with_force(
     assert (tiny_base / "model.safetensors").is_file()
 
 
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(CUDA, reason="checks the refusal on a machine without CUDA")
+def test_cuda_device_without_cuda_is_refused_before_anything_is_loaded_or_written(
+    tmp_path: Path, tiny_base: Path, tiny_adapter: Path
+) -> None:
+    out_dir = tmp_path / "out"
+
+    with pytest.raises(MergeError, match="--device cuda was asked for, but CUDA is not available: ") as raised:
+        merge_adapter(tiny_base, tiny_adapter, out_dir, dtype="bfloat16", device="cuda", progress=quiet)
+
+    assert "use --device cpu" in str(raised.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_device_is_refused(tmp_path: Path, tiny_base: Path, tiny_adapter: Path) -> None:
+    with pytest.raises(MergeError, match="unknown device 'tpu'; choose one of cpu, cuda"):
+        merge_adapter(tiny_base, tiny_adapter, tmp_path / "out", device="tpu", progress=quiet)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (scripts/gpu_check.py runs this on the GPU machine)")
+def test_bfloat16_merge_on_the_gpu_verifies(
+    tmp_path: Path, tiny_base: Path, tiny_adapter: Path, merged: merge.MergeResult
+) -> None:
+    result = merge_adapter(
+        tiny_base, tiny_adapter, tmp_path / "out", dtype="bfloat16", device="cuda", progress=quiet
+    )
+
+    assert result.verification.passed
+    assert result.device == "cuda"
+    manifest = json.loads(result.manifest_path.read_text(encoding="utf-8"))
+    assert (manifest["device"], manifest["device_name"]) == ("cuda", torch.cuda.get_device_name())
+    assert result.verification.adapter_effect_max_abs_diff > 10 * result.verification.tolerance
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="student merge")
     merge.add_arguments(parser)
@@ -288,6 +327,21 @@ def test_cli_refuses_existing_output_then_force_replaces_it(
     assert captured.out.strip() == str(out_dir.resolve())
     assert "[merge] verified on 5 prompts: max abs logit diff" in captured.err
     assert json.loads((out_dir / MANIFEST_NAME).read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.skipif(CUDA, reason="checks the refusal on a machine without CUDA")
+def test_cli_device_cuda_without_cuda_is_a_one_line_error(
+    tmp_path: Path, tiny_base: Path, tiny_adapter: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--base", str(tiny_base), "--adapter", str(tiny_adapter), "--out", str(tmp_path / "out")]
+
+    assert parse(argv).device == "cpu"
+    assert merge.run(parse([*argv, "--device", "cuda"])) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("student merge: error: --device cuda was asked for, but CUDA is not available")
+    assert captured.err.count("\n") == 1
+    assert captured.out == ""
+    assert not (tmp_path / "out").exists()
 
 
 def test_base_that_is_not_a_causal_language_model(
