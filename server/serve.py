@@ -55,6 +55,7 @@ _FLAG_FIELDS = {
     "rate_limit_rpm": "rate_limit_rpm",
     "max_in_flight": "max_in_flight",
     "max_queue": "max_queue",
+    "drain_timeout_s": "drain_timeout_s",
     "profile": "profile",
 }
 
@@ -87,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     access.add_argument("--observability", choices=["open", "key", "localhost"], help="who may read /metrics, /stats, /dashboard (default open)")
     access.add_argument("--rate-limit-rpm", type=int, help="requests per minute per key (429 + Retry-After beyond)")
     access.add_argument("--max-in-flight", type=int, help="answers the gateway lets run at once (default 2 x max-num-seqs)")
+    access.add_argument("--drain-timeout-s", type=float, help="on SIGTERM: stop accepting, let answers in flight finish this long (default 30)")
     access.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (default 3 x max-num-seqs)")
     measuring = parser.add_argument_group("measuring and money")
     measuring.add_argument("--ledger", type=Path, help="SQLite ledger file (default ~/.local/share/student-serve/ledger.sqlite3)")
@@ -176,7 +178,7 @@ def _uvicorn_config(settings: Settings, supervisor: VllmSupervisor | None) -> uv
         loop="uvloop",
         http="httptools",
         access_log=False,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=settings.drain_timeout_s,
         log_level="info",
     )
 

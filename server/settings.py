@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     upstream_read_timeout_s: float = Field(600.0, gt=0, description="longest silence between bytes")
     upstream_max_connections: int = Field(4096, ge=1)
     ready_timeout_s: float = Field(2.0, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long answers in flight may finish")
 
     access_log: bool = False
 

@@ -1,4 +1,4 @@
-"""`student serve` refuses bad set-ups quickly and clearly, before starting anything."""
+"""`student serve`: bad set-ups refused quickly and clearly; Ctrl-C and SIGTERM end it cleanly."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import subprocess
 from pathlib import Path
 
 import psutil
+from openai import OpenAI
 
-from tests.support import STUDENT, free_port, http_get, post_json, start_stack, wait_for
+from server.ledger import read_requests
+
+from tests.support import STUDENT, Stack, free_port, http_get, post_json, start_stack, wait_for
 
 
 def run_serve(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
@@ -80,3 +83,23 @@ def test_serve_with_no_model_serves_the_demo_student_until_ctrl_c(
         assert wait_for(lambda: not stack.alive_descendants(), 10), stack.alive_descendants()
     finally:
         stack.kill_all()
+
+
+def test_sigterm_lets_answers_in_flight_finish_and_accounts_them(stack: Stack, tmp_path: Path) -> None:
+    gateway = start_stack(["--upstream", stack.vllm_url, "--drain-timeout-s", "60"], tmp_path / "gateway.log")
+    try:
+        gateway.wait_ready(60)
+        client = OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+        stream = client.completions.create(
+            model="student", prompt="Xin chào", stream=True, max_tokens=2000, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        chunks = [next(stream)]
+        gateway.process.send_signal(signal.SIGTERM)  # mid-answer
+        chunks += list(stream)
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2000
+        assert gateway.process.wait(60) == 0
+        rows = read_requests(gateway.ledger_path)
+        assert [(row.status, row.completion_tokens) for row in rows] == [(200, 2000)]
+    finally:
+        gateway.kill_all()
