@@ -211,11 +211,14 @@ class UpstreamProxy:
         before the client can see the answer finished.
         """
         splitter = EventSplitter()
+        feed = splitter.feed
+        read = upstream.content.readany  # the loop below runs per event: no iterator wrappers
+        keep = None if observer is None else observer.keep
         status = CLIENT_CLOSED_REQUEST
         try:
-            async for chunk in upstream.content.iter_any():
-                for event in splitter.feed(chunk):
-                    if observer is not None and (event := observer.keep(event)) is None:
+            while chunk := await read():
+                for event in feed(chunk):
+                    if keep is not None and (event := keep(event)) is None:
                         continue
                     if event.startswith(_DONE):
                         self._finished(record, upstream.status)

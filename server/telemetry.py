@@ -108,8 +108,55 @@ class StreamObserver:
         """Record what `event` tells; returns the event for the client, or None to drop it.
 
         Dropped: the usage-only event the client did not ask for. Rewritten: chunks that carry a
-        running `usage` the client did not ask for (the field is removed).
+        running `usage` the client did not ask for (the field is removed, nothing else changes).
+
+        This runs for every event, so after the first content it parses nothing it need not: an
+        event without the bytes `"usage"` is passed on as it is, and vLLM's compact `"usage":{..}`
+        is read and cut out in place. Anything else takes the full JSON parse.
         """
+        if self._record.first_token_s is not None:
+            if _USAGE_KEY not in event:
+                return event
+            kept = self._keep_usage_in_place(event)
+            if kept is not _UNSURE:
+                return kept
+        return self._keep_parsed(event)
+
+    def _keep_usage_in_place(self, event: bytes) -> bytes | None | object:
+        """`keep` for a compact vLLM chunk with a `"usage":{...}` member; `_UNSURE` if not one."""
+        key = event.rfind(_USAGE_MEMBER)
+        if key < 0 or not event.startswith(b"data: {"):
+            return _UNSURE
+        begin = key + len(_USAGE_MEMBER) - 1
+        end = _object_end(event, begin)
+        if end < 0:
+            return _UNSURE
+        if _NO_CHOICES in event:
+            has_choices = False
+        elif _SOME_CHOICES in event:
+            has_choices = True
+        else:
+            return _UNSURE
+        try:
+            usage = json.loads(event[begin:end])
+        except ValueError:
+            return _UNSURE
+        if not usage:
+            return event
+        self._record.take_usage(usage)
+        self._count_tokens(usage)
+        if not has_choices:
+            return event if self._wish.include_usage else None
+        if self._wish.continuous:
+            return event
+        # Cut the member and the comma that joined it to its neighbour.
+        if event[key - 1 : key] == b",":
+            return event[: key - 1] + event[end:]
+        if event[end : end + 1] == b",":
+            return event[:key] + event[end + 1 :]
+        return _UNSURE
+
+    def _keep_parsed(self, event: bytes) -> bytes | None:
         if not event.startswith(b"data: {"):
             return event
         try:
@@ -139,6 +186,28 @@ class StreamObserver:
         if total > self._tokens_seen:
             self._on_tokens(total - self._tokens_seen)
             self._tokens_seen = total
+
+
+_USAGE_KEY = b'"usage"'
+_USAGE_MEMBER = b'"usage":{'  # vLLM's compact JSON; a key inside a string would have escaped quotes
+_NO_CHOICES = b'"choices":[]'
+_SOME_CHOICES = b'"choices":[{'
+_UNSURE = object()
+
+
+def _object_end(data: bytes, begin: int) -> int:
+    """Index just past the JSON object opening at `begin`, which holds no strings with braces
+    (a `usage`: numbers, null, nested counters); -1 if it does not close."""
+    depth = 0
+    index = begin
+    while True:
+        close = data.find(b"}", index)
+        if close < 0:
+            return -1
+        depth += data.count(b"{", index, close) - 1
+        if depth <= 0:
+            return close + 1 if depth == 0 else -1
+        index = close + 1
 
 
 def _has_content(choice: Any) -> bool:

@@ -33,3 +33,12 @@ def test_crlf_separators_are_understood() -> None:
 
 def test_earliest_separator_wins_when_styles_mix() -> None:
     assert split_all([b"data: 1\n\ndata: 2\r\n\r\n"]) == [b"data: 1\n\n", b"data: 2\r\n\r\n"]
+
+
+def test_a_read_of_exactly_one_event_comes_out_as_it_is() -> None:
+    splitter = EventSplitter()
+    event = b'data: {"a": 1}\n\n'
+    assert splitter.feed(event) == [event]
+    assert splitter.feed(b"\n\n") == [b"\n\n"]
+    assert splitter.feed(b"data: 1\r\n\r\n") == [b"data: 1\r\n\r\n"]
+    assert splitter.flush() == b""

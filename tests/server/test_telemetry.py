@@ -129,3 +129,28 @@ def test_non_streaming_usage_comes_from_the_body() -> None:
 def test_describe_names_units_and_marks_missing_values() -> None:
     line = describe(record(started_s=0.0, finished_s=0.5, status=200, prompt_tokens=3, completion_tokens=1))
     assert "status=200" in line and "prompt_tokens=3" in line and "ttft_ms=- tpot_ms=- e2e_ms=500.0" in line
+
+
+NESTED = (
+    'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"\\"usage\\":{} và \\"choices\\":[]"}}],'
+    '"usage":{"prompt_tokens":22,"total_tokens":30,"completion_tokens":8,"prompt_tokens_details":{"cached_tokens":0}}}'
+)
+FIRST_KEY = 'data: {"usage":{"prompt_tokens":22,"total_tokens":31,"completion_tokens":9},"choices":[{"index":0,"delta":{"content":"a"}}]}'
+SPACED = 'data: {"choices": [{"index": 0, "delta": {"content": "b"}}], "usage": {"prompt_tokens": 22, "completion_tokens": 10}}'
+
+
+@pytest.mark.parametrize("wish", [UsageWish(False, False), UsageWish(True, False), UsageWish(True, True)])
+def test_usage_cut_in_place_equals_a_full_parse(wish: UsageWish) -> None:
+    """After the first token the observer avoids parsing; what it sends and counts must not change."""
+    stream = events([*CONTINUOUS[:3], NESTED, FIRST_KEY, SPACED, TOKEN.decode()[:-2], *CONTINUOUS[3:]])
+    fast, parsed = [], []
+    for out, use_parse in ((fast, False), (parsed, True)):
+        rec, reported = record(), []
+        observer = StreamObserver(rec, wish, reported.append)
+        for event in stream:
+            kept = observer._keep_parsed(event) if use_parse else observer.keep(event)
+            if kept is not None:
+                out.append(kept)
+        out.append((reported, rec.prompt_tokens, rec.completion_tokens))
+    assert fast == parsed
+    assert fast[-1] == ([22, 1, 1, 6, 1, 1], 22, 2)
