@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("models.merge", "merge a LoRA adapter into its base model and verify the result"),
     "demo-model": ("models.demo", "build (or reuse) the embedded demo student"),
     "report": ("server.report", "daily table of requests, tokens, kWh, electricity and API-equivalent cost from the ledger"),
+    "load": ("loadtest.cli", "Locust scenarios: daily, capacity, soak, burst against a running gateway"),
+    "bench": ("benchmarks.cli", "measure the gateway's own cost: student bench overhead"),
 }
 
 
