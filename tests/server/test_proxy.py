@@ -5,11 +5,14 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
 
-from tests.support import Stack, http_get, post_json, vllm_gauge, wait_for
+from tests.conftest import STACK_ARGS
+from tests.support import Stack, http_get, post_json, start_stack, vllm_gauge, wait_for
 
 CHAT = {
     "model": "student",
@@ -81,11 +84,30 @@ def assert_idle_soon(stack: Stack, timeout_s: float = 3.0, why: str = "vLLM stil
     assert wait_for(lambda: vllm_load(stack) == (0, 0), timeout_s), f"{why}: (running, waiting) = {vllm_load(stack)}"
 
 
+@pytest.fixture(scope="module")
+def own_stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack of this module's own for the disconnect tests.
+
+    They read vLLM's running/waiting gauges, and on the shared session stack earlier tests' load
+    (the load-test scenarios run before this module) left those gauges and the engine's
+    scheduling in states that made these checks fail now and then.
+    """
+    running = start_stack(["--model", str(tiny_model_dir), *STACK_ARGS], tmp_path_factory.mktemp("own") / "serve.log")
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        try:
+            running.stop()
+        finally:
+            running.kill_all()
+
+
 @pytest.fixture
-def idle_stack(stack: Stack) -> Stack:
-    """The session stack once vLLM has finished whatever earlier tests left in flight."""
-    assert_idle_soon(stack, timeout_s=15, why="vLLM was still busy before the test")
-    return stack
+def idle_stack(own_stack: Stack) -> Stack:
+    """This module's stack once vLLM has finished whatever the previous test left in flight."""
+    assert_idle_soon(own_stack, timeout_s=15, why="vLLM was still busy before the test")
+    return own_stack
 
 
 @pytest.mark.parametrize("kind", PATHS)
