@@ -112,7 +112,7 @@ def test_gateway_survives_a_vllm_crash_and_vllm_comes_back_by_itself(tiny_model_
         assert wait_for(lambda: http_get(f"{stack.url}/ready")[0] == 200, 300, interval_s=1.0), stack.log()[-3000:]
         status, answer = post_json(f"{stack.url}/v1/completions", {"model": "student", "prompt": "hi", "max_tokens": 2})
         assert status == 200 and answer["usage"]["completion_tokens"] == 2
-        assert "back after restart 1" in stack.log()
+        assert wait_for(lambda: "back after restart 1" in stack.log(), 5)  # the watcher polls /health each second
         assert stack.stop() == 0
     finally:
         stack.kill_all()
