@@ -66,7 +66,7 @@ import aiohttp
 import psutil
 
 from server.energy import EnergyMeter
-from server.power import Reading
+from server.power import Reading, SteadySource
 
 REPO = Path(__file__).resolve().parents[1]
 STUDENT = str(Path(sys.executable).with_name("student"))
@@ -134,23 +134,9 @@ def median_ci(values: Sequence[float], z: float = 1.96) -> tuple[float | None, f
 # --- 1. the energy sampler's own CPU ----------------------------------------------------------
 
 
-class SteadySource:
-    """Constant watts on the real clock: a `PowerSource` whose `read()` costs next to nothing."""
-
-    name = "steady-stand-in"
-    status = "ok"
-
-    def __init__(self, watts: float = STEADY_WATTS):
-        self.reason = f"constant {watts:g} W stand-in (benchmark)"
-        self._watts = watts
-        self._start_s = time.monotonic()
-
-    def read(self) -> Reading:
-        now_s = time.monotonic()
-        return Reading(now_s, self._watts * (now_s - self._start_s), self._watts)
-
-    def close(self) -> None:
-        pass
+def steady_source() -> SteadySource:
+    """The benchmark's stand-in meter: `STEADY_WATTS` on the real clock."""
+    return SteadySource(STEADY_WATTS, reason=f"constant {STEADY_WATTS:g} W stand-in (benchmark)")
 
 
 class ThreadCpuProbe:
@@ -198,7 +184,7 @@ def sampler_window(variant: str, hz: float | None, seconds: float) -> SamplerWin
     if hz is None:
         time.sleep(seconds)
     else:
-        probe = ThreadCpuProbe(SteadySource())
+        probe = ThreadCpuProbe(steady_source())
         meter = EnergyMeter(probe, idle_w=IDLE_W, sample_hz=hz)
         for request_id in range(OPEN_REQUESTS_IN_SAMPLER):
             meter.start_request(request_id)
@@ -225,10 +211,10 @@ def sampler_window(variant: str, hz: float | None, seconds: float) -> SamplerWin
 
 def tick_alone_us(ticks: int = 20_000) -> float:
     """CPU µs of one `read()` + `tick()` in a tight loop on this thread (warm caches, no waiting)."""
-    meter = EnergyMeter(SteadySource(), idle_w=IDLE_W)
+    meter = EnergyMeter(steady_source(), idle_w=IDLE_W)
     for request_id in range(OPEN_REQUESTS_IN_SAMPLER):
         meter.start_request(request_id)
-    source = SteadySource()
+    source = steady_source()
     started_s = time.thread_time()
     for _ in range(ticks):
         meter.tick(source.read())
@@ -253,7 +239,7 @@ def measure_sampler(seconds_per_variant: float) -> dict[str, Any]:
         "seconds_per_variant": seconds_per_variant,
         "rounds": SAMPLER_ROUNDS,
         "open_requests": OPEN_REQUESTS_IN_SAMPLER,
-        "source": SteadySource().reason,
+        "source": steady_source().reason,
         "variants": summary,
         "windows": [asdict(w) for w in windows],
     }
@@ -466,7 +452,7 @@ def serve_steady_gateway() -> None:
     logging.getLogger("server").setLevel(logging.INFO)
     settings = Settings()
     uvicorn.run(
-        create_app(settings, power_source=SteadySource()),
+        create_app(settings, power_source=steady_source()),
         host=settings.host,
         port=settings.port,
         loop="uvloop",

@@ -66,7 +66,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from server.energy import EnergyMeter, EnergySnapshot  # noqa: E402  (after the sys.path line)
-from server.power import NvmlSource, Reading, TraceSource  # noqa: E402
+from server.power import NvmlSource, Reading, SteadySource, TraceSource  # noqa: E402
 
 FORMAT = "gpu-check/1"
 DATASET_FILE = REPO / "models" / "data" / "support_chats.jsonl"
@@ -345,25 +345,6 @@ def check_trace_conservation() -> Outcome:
 
 
 # --- sampler CPU ---------------------------------------------------------------------------
-
-
-class SteadySource:
-    """Constant watts on the real clock: a `PowerSource` whose `read()` costs next to nothing."""
-
-    name = "steady-stand-in"
-    status = "ok"
-
-    def __init__(self, watts: float = 300.0):
-        self.reason = f"constant {watts:g} W stand-in"
-        self._watts = watts
-        self._start_s = time.monotonic()
-
-    def read(self) -> Reading:
-        now_s = time.monotonic()
-        return Reading(now_s, self._watts * (now_s - self._start_s), self._watts)
-
-    def close(self) -> None:
-        pass
 
 
 class ThreadCpuProbe:
@@ -1299,7 +1280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sampler_cpu_standin",
             "cpu",
             f"sampler thread CPU at {SAMPLER_HZ:g} Hz on a stand-in source (≤ {SAMPLER_MAX_CORE_PCT}% of a core)",
-            lambda: sampler_outcome(measure_sampler_cpu(SteadySource(), window_s=2.0, rounds=2)),
+            lambda: sampler_outcome(measure_sampler_cpu(SteadySource(300.0), window_s=2.0, rounds=2)),
         ),
     ]
     results += guarded("gpu_checks", lambda: gpu_checks(args))

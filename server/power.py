@@ -26,6 +26,7 @@ __all__ = [
     "RaplSource",
     "Reading",
     "SourceStatus",
+    "SteadySource",
     "TraceSource",
     "UnavailableSource",
     "cuda_visible_devices",
@@ -84,6 +85,28 @@ class UnavailableSource:
 
     def read(self) -> Reading:
         return Reading(time.monotonic(), None, None)
+
+    def close(self) -> None:
+        pass
+
+
+class SteadySource:
+    """Constant `watts` on the real clock, for machines without a meter (tests, benchmarks).
+
+    Its `read()` costs two clock reads, so it also isolates the sampler's own CPU cost.
+    """
+
+    status: SourceStatus = "ok"
+
+    def __init__(self, watts: float, name: str = "steady-stand-in", reason: str | None = None):
+        self.name = name
+        self.reason = reason or f"constant {watts:g} W stand-in"
+        self._watts = watts
+        self._start_s = time.monotonic()
+
+    def read(self) -> Reading:
+        now_s = time.monotonic()
+        return Reading(now_s, self._watts * (now_s - self._start_s), self._watts)
 
     def close(self) -> None:
         pass

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import psutil
 
-from server.power import Reading
 
 STUDENT = str(Path(sys.executable).with_name("student"))
 
@@ -147,26 +146,3 @@ def start_stack(args: list[str], log_path: Path, env: dict[str, str] | None = No
 def _listening(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
-class SteadyPowerSource:
-    """A stand-in for a GPU's energy counter (this machine has none): a constant `watts`.
-
-    Behind the same `PowerSource` interface as NVML and RAPL, so the real meter, recorder and
-    gateway run on it; its readings are wall-clock times and `watts` × elapsed joules.
-    """
-
-    name = "steady-test-source"
-    status = "ok"
-    reason = "constant power for tests"
-
-    def __init__(self, watts: float):
-        self._watts = watts
-        self._start_s = time.monotonic()
-
-    def read(self) -> Reading:
-        now_s = time.monotonic()
-        return Reading(now_s, self._watts * (now_s - self._start_s), self._watts)
-
-    def close(self) -> None:
-        pass

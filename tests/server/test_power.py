@@ -59,6 +59,7 @@ def test_public_surface_is_exactly_all() -> None:
         "RaplSource",
         "Reading",
         "SourceStatus",
+        "SteadySource",
         "TraceSource",
         "UnavailableSource",
         "cuda_visible_devices",

@@ -22,8 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
 from server.ledger import read_requests
+from server.power import SteadySource
 from server.settings import Settings
-from tests.support import SteadyPowerSource, Stack, free_port, http_get, start_stack, wait_for
+from tests.support import Stack, free_port, http_get, start_stack, wait_for
 
 PROMPTS = ["Đơn hàng #12345 của tôi đang ở đâu?", "Chính sách đổi trả thế nào?", "Tôi muốn dùng mã giảm giá."]
 
@@ -168,7 +169,7 @@ def measured_gateway(stack: Stack, tmp_path: Path) -> Iterator[tuple[str, Settin
     settings = Settings(
         upstream_url=stack.vllm_url, port=free_port(), ledger_path=tmp_path / "ledger.sqlite3", idle_w=20.0
     )
-    app = create_app(settings, power_source=SteadyPowerSource(100.0))
+    app = create_app(settings, power_source=SteadySource(100.0, name="steady-test-source", reason="constant power for tests"))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
