@@ -80,17 +80,17 @@ class UpstreamProxy:
         self._ready_timeout = aiohttp.ClientTimeout(total=ready_timeout_s)
         self._recorder = recorder
 
-    async def forward(self, request: Request, path: str) -> Response:
-        """POST a JSON body to `path` upstream; relay the stream or the whole answer."""
-        body = await request.body()
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return error_response(400, f"request body is not valid JSON: {exc}")
-        if not isinstance(payload, dict):
-            return error_response(400, "request body must be a JSON object")
-        model = payload.get("model")
-        record = RequestRecord(path, self.base_url, bool(payload.get("stream")), model if isinstance(model, str) else None)
+    def reject(self, path: str, payload: dict[str, Any] | None, response: Response) -> Response:
+        """Account for a request the gateway itself refused (bad input): it is in the ledger too."""
+        record = _new_record(path, "gateway", payload)
+        if self._recorder is not None:
+            self._recorder.begin(record)
+        return self._finish(record, response)
+
+    async def forward(self, request: Request, path: str, body: bytes, payload: dict[str, Any]) -> Response:
+        """POST `body` (already parsed as `payload`) to `path` upstream; relay the stream or the answer."""
+        record = _new_record(path, self.base_url, payload)
+        record.key_name = request.scope.get("state", {}).get("api_key_name")
         recorder = self._recorder
         observer = None
         if recorder is not None and record.stream:
@@ -283,6 +283,12 @@ def vllm_gauges(metrics_text: str) -> dict[str, float | None]:
         if key is not None:
             found[key] = (found[key] or 0.0) + float(line.rsplit(" ", 1)[1])
     return found
+
+
+def _new_record(path: str, upstream: str, payload: dict[str, Any] | None) -> RequestRecord:
+    payload = payload or {}
+    model = payload.get("model")
+    return RequestRecord(path, upstream, payload.get("stream") is True, model if isinstance(model, str) else None)
 
 
 def upstream_failure(exc: BaseException) -> Response:

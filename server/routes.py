@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -36,12 +37,24 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, proxy: ProxyDep) -> Response:
-    return await proxy.forward(request, "/v1/chat/completions")
+    return await _forward_json(request, proxy, "/v1/chat/completions")
 
 
 @router.post("/v1/completions")
 async def completions(request: Request, proxy: ProxyDep) -> Response:
-    return await proxy.forward(request, "/v1/completions")
+    return await _forward_json(request, proxy, "/v1/completions")
+
+
+async def _forward_json(request: Request, proxy: UpstreamProxy, path: str) -> Response:
+    """Parse the JSON body; a body that is not a JSON object is refused (and accounted)."""
+    body = await request.body()
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return proxy.reject(path, None, error_response(400, f"request body is not valid JSON: {exc}"))
+    if not isinstance(payload, dict):
+        return proxy.reject(path, None, error_response(400, "request body must be a JSON object"))
+    return await proxy.forward(request, path, body, payload)
 
 
 @router.get("/v1/models")

@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     vllm_stop_timeout_s: float = Field(20.0, gt=0)
 
     upstream_connect_timeout_s: float = Field(10.0, gt=0)
-    upstream_read_timeout_s: float = Field(600.0, gt=0, description="longest silence between bytes")
+    upstream_read_timeout_s: float = Field(600.0, gt=0, description="whole answers: longest silence between bytes")
+    first_token_timeout_s: float = Field(120.0, gt=0, description="streams: longest wait for the first event")
+    inter_token_timeout_s: float = Field(30.0, gt=0, description="streams: longest silence between events")
     upstream_max_connections: int = Field(4096, ge=1)
     ready_timeout_s: float = Field(2.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long answers in flight may finish")
@@ -62,6 +64,8 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(None, description="file of name=key lines")
     observability_access: Literal["open", "key", "localhost"] = "open"
     rate_limit_rpm: int | None = Field(None, ge=1, description="requests per minute per key")
+    rate_limit_tpm: int | None = Field(None, ge=1, description="tokens (prompt + completion) per minute per key")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     max_in_flight: int | None = Field(None, ge=1, description="default 2 × max_num_seqs")
     max_queue: int | None = Field(None, ge=0, description="default 3 × max_num_seqs")
     cache_dir: Path = Field(default_factory=default_cache_dir)

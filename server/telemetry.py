@@ -31,6 +31,7 @@ class RequestRecord:
     upstream: str
     stream: bool
     model: str | None = None
+    key_name: str | None = None
     request_id: int = field(default_factory=lambda: next(_request_ids))
     started_s: float = field(default_factory=time.monotonic)
     first_token_s: float | None = None
