@@ -23,7 +23,7 @@ from server.energy import EnergyMeter
 from server.errors import install_error_handlers
 from server.ledger import Ledger
 from server.power import NvmlSource, PowerLimitError, PowerSource, cuda_visible_devices, detect_power_source
-from server.proxy import UpstreamProxy, create_upstream_session
+from server.proxy import StreamTimeouts, UpstreamProxy, create_upstream_session
 from server.recorder import RequestRecorder
 from server.routes import router
 from server.settings import Settings
@@ -46,18 +46,21 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         session = create_upstream_session(settings)
+        timeouts = StreamTimeouts(settings.first_token_timeout_s, settings.inter_token_timeout_s)
         app.state.supervisor = supervisor
         app.state.recorder = None
         try:
             if not settings.telemetry:
                 logger.warning("telemetry is off: no metrics, stats, energy or ledger")
-                app.state.proxy = UpstreamProxy(session, settings.upstream_base_url, settings.ready_timeout_s)
+                app.state.proxy = UpstreamProxy(
+                    session, settings.upstream_base_url, settings.ready_timeout_s, stream_timeouts=timeouts
+                )
                 yield
                 return
             async with _telemetry(settings, power_source) as recorder:
                 app.state.recorder = recorder
                 app.state.proxy = UpstreamProxy(
-                    session, settings.upstream_base_url, settings.ready_timeout_s, recorder
+                    session, settings.upstream_base_url, settings.ready_timeout_s, recorder, timeouts
                 )
                 yield
         finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -74,11 +75,17 @@ class UpstreamProxy:
         base_url: str,
         ready_timeout_s: float = 2.0,
         recorder: RequestRecorder | None = None,
+        stream_timeouts: StreamTimeouts | None = None,
     ):
         self._session = session
         self.base_url = base_url
         self._ready_timeout = aiohttp.ClientTimeout(total=ready_timeout_s)
         self._recorder = recorder
+        self._stream_timeouts = stream_timeouts or StreamTimeouts()
+        # Streams are watched by one timer each (StreamWatch), not by a timer re-armed per read.
+        self._stream_client_timeout = aiohttp.ClientTimeout(
+            total=None, connect=session.timeout.connect, sock_connect=session.timeout.sock_connect
+        )
 
     def reject(self, path: str, payload: dict[str, Any] | None, response: Response) -> Response:
         """Account for a request the gateway itself refused (bad input): it is in the ledger too."""
@@ -102,10 +109,16 @@ class UpstreamProxy:
         headers["content-type"] = "application/json"
         if recorder is not None:
             recorder.begin(record)
-        try:
-            upstream = await _unless_disconnected(
-                request, self._session.post(self.base_url + path, data=body, headers=headers)
+        if record.stream:
+            sending = self._session.post(
+                self.base_url + path, data=body, headers=headers, timeout=self._stream_client_timeout
             )
+            wait_s = self._stream_timeouts.first_token_s
+        else:
+            sending = self._session.post(self.base_url + path, data=body, headers=headers)
+            wait_s = None
+        try:
+            upstream = await _unless_disconnected(request, sending, wait_s)
         except ClientDisconnected:
             return self._finish(record, Response(status_code=CLIENT_CLOSED_REQUEST))
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -215,8 +228,11 @@ class UpstreamProxy:
         read = upstream.content.readany  # the loop below runs per event: no iterator wrappers
         keep = None if observer is None else observer.keep
         status = CLIENT_CLOSED_REQUEST
+        watch = StreamWatch(upstream.content, record.started_s, self._stream_timeouts)
+        clock = time.monotonic
         try:
             while chunk := await read():
+                watch.last_s = clock()
                 for event in feed(chunk):
                     if keep is not None and (event := keep(event)) is None:
                         continue
@@ -227,15 +243,68 @@ class UpstreamProxy:
             if rest:
                 yield rest
             status = upstream.status
+        except UpstreamSilent as exc:
+            status = 504
+            yield _error_event(status, str(exc))
+            self._finished(record, status)
+            yield _DONE + b"\n\n"
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             status = 502
             yield _error_event(502, f"upstream stream broke off: {exc!r}")
             self._finished(record, status)
             yield _DONE + b"\n\n"
         finally:
-            # Unread data means the client left early: closing the socket makes vLLM abort.
+            watch.cancel()
+            # Unread data means the client left early (or the upstream went silent): closing the
+            # socket makes vLLM abort the request and free its slot.
             upstream.close()
             self._finished(record, status)
+
+
+@dataclass(frozen=True)
+class StreamTimeouts:
+    """How long a stream may wait for its first event, and then between events (seconds)."""
+
+    first_token_s: float = 120.0
+    inter_token_s: float = 30.0
+
+
+class UpstreamSilent(asyncio.TimeoutError):
+    """The upstream sent nothing for longer than a stream timeout allows."""
+
+
+class StreamWatch:
+    """Ends a stream whose upstream went silent, with one timer per stream.
+
+    A timeout re-armed on every read costs a timer-heap operation per event; here the relay
+    only stores the time of each read and the timer, when it fires, either re-arms itself from
+    that time or fails the upstream reader, which wakes the relay with `UpstreamSilent`.
+    """
+
+    __slots__ = ("last_s", "_content", "_timeouts", "_handle")
+
+    def __init__(self, content: aiohttp.StreamReader, started_s: float, timeouts: StreamTimeouts):
+        self.last_s: float | None = None
+        self._content = content
+        self._timeouts = timeouts
+        loop = asyncio.get_running_loop()
+        self._handle = loop.call_later(started_s + timeouts.first_token_s - time.monotonic(), self._check)
+
+    def _check(self) -> None:
+        now_s = time.monotonic()
+        if self.last_s is None:
+            limit_s = self._timeouts.first_token_s
+            self._content.set_exception(UpstreamSilent(f"no first token from the upstream in {limit_s:g} s"))
+            return
+        silent_s = now_s - self.last_s
+        limit_s = self._timeouts.inter_token_s
+        if silent_s >= limit_s:
+            self._content.set_exception(UpstreamSilent(f"the upstream sent nothing for {silent_s:.1f} s (limit {limit_s:g} s)"))
+            return
+        self._handle = asyncio.get_running_loop().call_later(limit_s - silent_s, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 class RelayResponse(StreamingResponse):
@@ -293,6 +362,8 @@ def _new_record(path: str, upstream: str, payload: dict[str, Any] | None) -> Req
 
 def upstream_failure(exc: BaseException) -> Response:
     """504 on a timeout, 503 when nothing listens upstream, 502 when it broke mid-answer."""
+    if isinstance(exc, UpstreamSilent):
+        return error_response(504, str(exc))
     if isinstance(exc, asyncio.TimeoutError):
         return error_response(504, "upstream did not answer in time")
     if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError):
@@ -309,16 +380,19 @@ async def _wait_disconnect(receive: Receive) -> None:
         pass
 
 
-async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
-    """Await `awaitable` unless the client disconnects first (then cancel it and raise)."""
+async def _unless_disconnected(request: Request, awaitable: Awaitable[T], timeout_s: float | None = None) -> T:
+    """Await `awaitable` unless the client disconnects first or `timeout_s` passes (then cancel
+    it and raise ClientDisconnected or UpstreamSilent)."""
     work: asyncio.Future[T] = asyncio.ensure_future(awaitable)
     watch = asyncio.ensure_future(_wait_disconnect(request.receive))
     try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({work, watch}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
     if work.done():
         return work.result()
     work.cancel()
     await asyncio.gather(work, return_exceptions=True)
-    raise ClientDisconnected
+    if watch.done() and not watch.cancelled():
+        raise ClientDisconnected
+    raise UpstreamSilent(f"the upstream did not start answering in {timeout_s:g} s")

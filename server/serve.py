@@ -56,6 +56,8 @@ _FLAG_FIELDS = {
     "max_in_flight": "max_in_flight",
     "max_queue": "max_queue",
     "drain_timeout_s": "drain_timeout_s",
+    "first_token_timeout_s": "first_token_timeout_s",
+    "inter_token_timeout_s": "inter_token_timeout_s",
     "profile": "profile",
 }
 
@@ -90,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     access.add_argument("--max-in-flight", type=int, help="answers the gateway lets run at once (default 2 x max-num-seqs)")
     access.add_argument("--drain-timeout-s", type=float, help="on SIGTERM: stop accepting, let answers in flight finish this long (default 30)")
     access.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (default 3 x max-num-seqs)")
+    access.add_argument("--first-token-timeout-s", type=float, help="streams: end with a 504 error event (and abort upstream) if no token came in this long (default 120)")
+    access.add_argument("--inter-token-timeout-s", type=float, help="streams: the same when the upstream goes silent this long between tokens (default 30)")
     measuring = parser.add_argument_group("measuring and money")
     measuring.add_argument("--ledger", type=Path, help="SQLite ledger file (default ~/.local/share/student-serve/ledger.sqlite3)")
     measuring.add_argument("--power-source", choices=["auto", "nvml", "rapl", "none"], help="energy meter source (default auto: NVML, else RAPL)")

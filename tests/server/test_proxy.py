@@ -6,6 +6,7 @@ import http.client
 import json
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import openai
@@ -248,3 +249,68 @@ def test_hop_by_hop_and_encoding_headers_are_not_relayed(stack: Stack) -> None:
     assert headers.count("server") <= 1 and headers.count("date") <= 1
     assert int(response.getheader("content-length")) == len(body)
     json.loads(body)
+
+
+# --- an upstream that hangs -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def impatient_gateway(own_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A second gateway in front of this module's vLLM, with stream timeouts of seconds."""
+    gateway = start_stack(
+        ["--upstream", own_stack.vllm_url, "--first-token-timeout-s", "3", "--inter-token-timeout-s", "2"],
+        tmp_path_factory.mktemp("impatient") / "serve.log",
+    )
+    try:
+        gateway.wait_ready(60)
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+@contextmanager
+def engine_paused(stack: Stack) -> Iterator[None]:
+    """SIGSTOP vLLM's engine process: its HTTP server still answers, but no token comes (a hung GPU)."""
+    engine = next(proc for proc in stack.alive_descendants() if "EngineCore" in " ".join(proc.cmdline()) or "EngineCore" in proc.name())
+    engine.suspend()
+    try:
+        yield
+    finally:
+        engine.resume()
+
+
+def read_stream_to_end(sock: socket.socket, received: bytes = b"") -> list[bytes]:
+    """Every event's data until the connection closes or `[DONE]` arrives."""
+    while b"data: [DONE]" not in received:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return [part.split(b"data: ", 1)[1] for part in received.split(b"\n\n") if b"data: " in part]
+
+
+def test_no_first_token_in_time_ends_the_stream_and_aborts_upstream(idle_stack: Stack, impatient_gateway: Stack) -> None:
+    with engine_paused(idle_stack):
+        sock = open_raw_request(impatient_gateway.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True})
+        events = read_stream_to_end(sock)
+    sock.close()
+    assert events[-1] == b"[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == 504 and "no first token" in error["message"], error
+    assert_idle_soon(idle_stack, timeout_s=15, why="vLLM kept the request after the gateway gave up on it")
+
+
+def test_upstream_silent_between_tokens_ends_the_stream_and_aborts_upstream(idle_stack: Stack, impatient_gateway: Stack) -> None:
+    sock = open_raw_request(impatient_gateway.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True})
+    received = read_until_events(sock, 3)
+    with engine_paused(idle_stack):
+        events = read_stream_to_end(sock, received)
+    sock.close()
+    assert events[-1] == b"[DONE]"
+    assert len(events) > 3
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == 504 and "sent nothing for" in error["message"], error
+    # 3,900 tokens would take far longer than this: the request was aborted, not finished.
+    assert_idle_soon(idle_stack, timeout_s=10, why="vLLM kept the request after the gateway gave up on it")
+    status, stats = http_get(f"{impatient_gateway.url}/stats")
+    assert status == 200 and json.loads(stats)["requests"]["error"] >= 1
