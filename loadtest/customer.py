@@ -11,6 +11,11 @@ them through Locust's own request events, so they show in Locust's tables, CSV a
 | METRIC | ttft_ms, tpot_ms | TTFT and TPOT, ms |
 | METRIC | prompt_tokens, completion_tokens | token counts |
 
+A failure's message says what kind it was, so a run can tell clean errors from broken ones:
+`HTTP 503: <message>` (an OpenAI-shaped error body), `HTTP 502 (not an OpenAI error): <body>`,
+`stream error 502: <message>` (an error event, then `[DONE]`), `stream ended without [DONE]`
+(possibly `after stream error ...`), or the client's exception (`ConnectionError: ...`).
+
 Importing this module imports Locust (which monkey-patches with gevent): load processes only.
 """
 
@@ -72,7 +77,7 @@ class SupportCustomer(User):
                 feed.target + CHAT_PATH, json=body, stream=True, timeout=(CONNECT_TIMEOUT_S, feed.timeout_s)
             ) as response:
                 if response.status_code >= 400:
-                    stream.error = f"HTTP {response.status_code}: {_error_message(response.content)}"
+                    stream.error = _http_error(response.status_code, response.content)
                 else:
                     for chunk in response.iter_content(chunk_size=None):
                         stream.feed(chunk)
@@ -123,8 +128,8 @@ class _StreamReading:
     def finish(self) -> None:
         if self._buffer.strip():
             self._event(self._buffer)
-        if self.error is None and not self.done:
-            self.error = "stream ended without [DONE]"
+        if not self.done:
+            self.error = "stream ended without [DONE]" + (f" after {self.error}" if self.error else "")
         elif self.error is None and self.usage is None:
             self.error = "stream carried no usage"
 
@@ -141,7 +146,8 @@ class _StreamReading:
             except ValueError:
                 continue
             if chunk.get("error"):
-                self.error = f"stream error: {_error_text(chunk['error'])}"
+                code = chunk["error"].get("code") if isinstance(chunk["error"], dict) else None
+                self.error = f"stream error {code}: {_error_text(chunk['error'])}"
             if self.first_token_epoch is None and any(
                 (choice.get("delta") or {}).get("content") or choice.get("text") for choice in chunk.get("choices") or []
             ):
@@ -174,11 +180,15 @@ class _StreamReading:
         )
 
 
-def _error_message(content: bytes) -> str:
+def _http_error(status: int, content: bytes) -> str:
+    """`HTTP 503: message` for an OpenAI-shaped error body; any other body is quoted and marked."""
     try:
-        return _error_text(json.loads(content).get("error"))
+        error = json.loads(content).get("error")
     except (ValueError, AttributeError):
-        return content[:120].decode(errors="replace")
+        error = None
+    if isinstance(error, dict) and "message" in error and "type" in error:
+        return f"HTTP {status}: {_error_text(error)}"
+    return f"HTTP {status} (not an OpenAI error): {content[:120].decode(errors='replace')}"
 
 
 def _error_text(error: object) -> str:

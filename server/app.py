@@ -18,7 +18,9 @@ from fastapi import FastAPI
 
 from server import dashboard
 from server.admission import AdmissionMiddleware
-from server.auth import AccessMiddleware, load_keys
+from server.auth import AccessMiddleware, TokenLimiter, load_keys
+from server.balancer import Balancer, health_probe
+from server.catalog import ModelCatalog
 from server.energy import EnergyMeter
 from server.errors import install_error_handlers
 from server.ledger import Ledger
@@ -37,36 +39,45 @@ def create_app(
     supervisor: VllmSupervisor | None = None,
     power_source: PowerSource | None = None,
 ) -> FastAPI:
-    """The gateway for `settings.upstream_base_url`.
+    """The gateway for `settings.upstream_base_urls` (one or several vLLM replicas).
 
     `supervisor` (if any) explains /ready. `power_source` replaces the detected one (tests
     replay a trace through it); the app closes whichever source it uses.
     """
+    token_limiter = _token_limiter(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         session = create_upstream_session(settings)
         timeouts = StreamTimeouts(settings.first_token_timeout_s, settings.inter_token_timeout_s)
+        balancer = Balancer(settings.upstream_base_urls, health_probe(session, settings.ready_timeout_s))
+        health_checks = asyncio.create_task(
+            balancer.run_health_checks(settings.health_check_interval_s), name="health-checks"
+        )
         app.state.supervisor = supervisor
         app.state.recorder = None
         try:
             if not settings.telemetry:
                 logger.warning("telemetry is off: no metrics, stats, energy or ledger")
                 app.state.proxy = UpstreamProxy(
-                    session, settings.upstream_base_url, settings.ready_timeout_s, stream_timeouts=timeouts
+                    session, balancer, settings.ready_timeout_s, stream_timeouts=timeouts
                 )
                 yield
                 return
-            async with _telemetry(settings, power_source) as recorder:
+            async with _telemetry(settings, power_source, token_limiter) as recorder:
                 app.state.recorder = recorder
-                app.state.proxy = UpstreamProxy(
-                    session, settings.upstream_base_url, settings.ready_timeout_s, recorder, timeouts
-                )
+                recorder.metrics.add_replicas(balancer.status)
+                app.state.proxy = UpstreamProxy(session, balancer, settings.ready_timeout_s, recorder, timeouts)
                 yield
         finally:
+            health_checks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await health_checks
             await session.close()
 
     app = FastAPI(title="student-serve gateway", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.model_catalog = ModelCatalog()
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(dashboard.router)
@@ -82,13 +93,30 @@ def create_app(
         digests=load_keys(settings.api_keys, settings.api_keys_file),
         observability=settings.observability_access,
         requests_per_minute=settings.rate_limit_rpm,
+        token_limiter=token_limiter,
     )
     return app
 
 
+def _token_limiter(settings: Settings) -> TokenLimiter | None:
+    """The tokens/minute limit: the access middleware refuses with it, the recorder charges it."""
+    if settings.rate_limit_tpm is None:
+        return None
+    if not settings.telemetry:
+        logger.warning(
+            "tokens/minute limit (%d) NOT enforced: tokens are counted from vLLM's usage, which needs telemetry",
+            settings.rate_limit_tpm,
+        )
+        return None
+    return TokenLimiter(settings.rate_limit_tpm)
+
+
 @asynccontextmanager
-async def _telemetry(settings: Settings, power_source: PowerSource | None) -> AsyncIterator[RequestRecorder]:
-    """The energy meter (sampler thread), the ledger and the recorder that feeds them."""
+async def _telemetry(
+    settings: Settings, power_source: PowerSource | None, token_limiter: TokenLimiter | None = None
+) -> AsyncIterator[RequestRecorder]:
+    """The energy meter (sampler thread), the ledger and the recorder that feeds them (and charges
+    `token_limiter`, if any, with each finished request's tokens)."""
     source = power_source or detect_power_source(
         settings.power_source, nvml_devices=cuda_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))
     )
@@ -102,7 +130,7 @@ async def _telemetry(settings: Settings, power_source: PowerSource | None) -> As
             logger.info("energy: measuring with %s", source.name)
         else:
             logger.warning("energy: not measured: %s", source.reason)
-        recorder = RequestRecorder(settings, meter, ledger)
+        recorder = RequestRecorder(settings, meter, ledger, token_limiter.charge if token_limiter else None)
         history = asyncio.create_task(recorder.keep_energy_history(), name="energy-history")
         try:
             yield recorder

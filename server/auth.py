@@ -1,4 +1,4 @@
-"""Who may call: optional API keys on `/v1/*`, per-key request rate limits, and who may watch.
+"""Who may call: optional API keys on `/v1/*`, per-key rate limits, and who may watch.
 
 Keys come as `name=key` pairs (several, comma-separated or one per line in a file). Only their
 SHA-256 digests are kept, a presented key is compared with every digest in constant time, and
@@ -12,6 +12,7 @@ import hmac
 import ipaddress
 import math
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Literal
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import error_response
+from server.telemetry import RequestRecord
 
 ObservabilityAccess = Literal["open", "key", "localhost"]
 OBSERVABILITY_PATHS = ("/metrics", "/stats", "/dashboard")
@@ -91,6 +93,67 @@ class RateLimiter:
         return (1.0 - tokens) * 60.0 / self.per_minute
 
 
+class TokenLimiter:
+    """Tokens (prompt + completion) per minute per key, over a sliding 60-s window.
+
+    A request's tokens are known only when it has finished (from vLLM's `usage`), so they are
+    charged then, and a key is refused new requests while its window holds `per_minute` tokens
+    or more. A request admitted under the limit may therefore take its key over it; the key then
+    waits until enough of its window has expired. Memory: per key, one (time, tokens) pair per
+    request of the last minute; pairs are dropped as they expire and idle keys are forgotten.
+    """
+
+    def __init__(self, per_minute: int, window_s: float = 60.0):
+        if per_minute < 1 or window_s <= 0:
+            raise ValueError("per_minute must be >= 1 and window_s > 0")
+        self.per_minute = per_minute
+        self.window_s = window_s
+        self._spent: dict[str, deque[tuple[float, int]]] = {}  # name -> (finished_s, tokens), oldest first
+        self._totals: dict[str, int] = {}  # name -> tokens in its window
+
+    def add(self, name: str, tokens: int, now_s: float) -> None:
+        """Charge `name` with `tokens` used by a request that finished at `now_s`."""
+        if tokens <= 0:
+            return
+        self._spent.setdefault(name, deque()).append((now_s, tokens))
+        self._totals[name] = self._totals.get(name, 0) + tokens
+        self._expire(name, now_s)
+
+    def charge(self, record: RequestRecord) -> None:
+        """Charge a finished request's tokens to its key (the recorder calls this once per request)."""
+        if record.key_name is None:
+            return
+        tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+        self.add(record.key_name, tokens, record.finished_s or time.monotonic())
+
+    def admit(self, name: str, now_s: float) -> float:
+        """0 when `name` is under its limit, else the seconds until enough of its window expires."""
+        if self._expire(name, now_s) < self.per_minute:
+            return 0.0
+        over = self._totals[name] - self.per_minute  # under again once more than this has expired
+        for finished_s, tokens in self._spent[name]:
+            over -= tokens
+            if over < 0:
+                break
+        return finished_s + self.window_s - now_s
+
+    def tokens_in_window(self, name: str, now_s: float) -> int:
+        return self._expire(name, now_s)
+
+    def _expire(self, name: str, now_s: float) -> int:
+        """Drop `name`'s entries older than the window; returns the tokens left in it."""
+        spent = self._spent.get(name)
+        if spent is None:
+            return 0
+        horizon = now_s - self.window_s
+        while spent and spent[0][0] <= horizon:
+            self._totals[name] -= spent.popleft()[1]
+        if not spent:
+            del self._spent[name], self._totals[name]
+            return 0
+        return self._totals[name]
+
+
 def _bearer(scope: Scope) -> str | None:
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
@@ -113,7 +176,8 @@ class AccessMiddleware:
     """ASGI middleware: keys on /v1/*, rate limits per key, and access to the observability pages.
 
     With no keys configured /v1/* is open (and rate limits, if set, apply to all callers as one).
-    The key's name is put in `scope["state"]["api_key_name"]` for accounting.
+    The key's name is put in `scope["state"]["api_key_name"]` for accounting. `token_limiter`
+    is shared with the recorder, which charges it as requests finish.
     """
 
     def __init__(
@@ -122,11 +186,13 @@ class AccessMiddleware:
         digests: dict[bytes, str],
         observability: ObservabilityAccess = "open",
         requests_per_minute: int | None = None,
+        token_limiter: TokenLimiter | None = None,
     ):
         self._app = app
         self._digests = digests
         self._observability = observability
         self._limiter = RateLimiter(requests_per_minute) if requests_per_minute else None
+        self._token_limiter = token_limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -153,8 +219,19 @@ class AccessMiddleware:
                 return error_response(401, message, type_="authentication_error", headers={"WWW-Authenticate": "Bearer"})
             name = found
         scope.setdefault("state", {})["api_key_name"] = name
+        now_s = time.monotonic()
+        if self._token_limiter is not None:  # first: refusing here costs the key no request
+            wait_s = self._token_limiter.admit(name, now_s)
+            if wait_s > 0:
+                return error_response(
+                    429,
+                    f"rate limit of {self._token_limiter.per_minute} tokens (prompt + completion) per minute "
+                    f"reached for key '{name}'",
+                    type_="rate_limit_error",
+                    headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+                )
         if self._limiter is not None:
-            wait_s = self._limiter.admit(name, time.monotonic())
+            wait_s = self._limiter.admit(name, now_s)
             if wait_s > 0:
                 return error_response(
                     429,

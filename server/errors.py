@@ -7,12 +7,16 @@ errors and vLLM's (whose shape has varied between releases) are all turned into 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
+
+logger = logging.getLogger(__name__)
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -28,6 +32,30 @@ ERROR_TYPES = {
     502: "upstream_error",
     503: "service_unavailable",
     504: "upstream_timeout",
+}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    """The body of every error answer (documented in the OpenAPI spec as such)."""
+
+    error: ErrorDetail
+
+
+# OpenAPI `responses` for the endpoints that take a request body: what the gateway refuses itself.
+REFUSALS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorEnvelope, "description": "malformed JSON or an invalid field (`param` names it)"},
+    401: {"model": ErrorEnvelope, "description": "missing or wrong API key"},
+    404: {"model": ErrorEnvelope, "description": "the model is not served upstream (`param` is `model`)"},
+    413: {"model": ErrorEnvelope, "description": "request body larger than the limit"},
+    429: {"model": ErrorEnvelope, "description": "over the rate limit or the queue: retry after `Retry-After`"},
+    503: {"model": ErrorEnvelope, "description": "vLLM is not answering: retry after `Retry-After`"},
 }
 
 
@@ -78,7 +106,7 @@ def normalize_upstream_error(status: int, body: bytes) -> dict[str, Any]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Make the framework's own errors (404 route, 405, validation) OpenAI-shaped too."""
+    """Make the framework's own errors (404 route, 405, query validation, a crash) OpenAI-shaped too."""
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
@@ -90,5 +118,11 @@ def install_error_handlers(app: FastAPI) -> None:
         param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
         return error_response(400, first.get("msg", "invalid request"), param=param)
 
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette still logs the traceback; the client gets the usual shape, not text/plain.
+        logger.error("unhandled error on %s %s: %r", request.method, request.url.path, exc)
+        return error_response(500, "internal error in the gateway (see its log)")
+
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, internal_error)

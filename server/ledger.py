@@ -15,7 +15,8 @@ Why SQLite, and why this way:
 * No prompt or answer text is ever stored: those are customers' messages. Only counts, times
   and money.
 
-`PRAGMA user_version` is the schema version, for future migrations. Times are unix seconds
+`PRAGMA user_version` is the schema version; opening an older ledger for writing migrates it
+(version 2 added `requests.key_name`, NULL in older rows). Times are unix seconds
 (`time.time()`), energies joules, costs in the row's `currency` unless named `_usd`.
 """
 
@@ -45,7 +46,7 @@ __all__ = [
     "read_requests",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
 
 _SCHEMA = """
@@ -65,7 +66,8 @@ CREATE TABLE IF NOT EXISTS requests (
     energy_j REAL,
     electricity_cost REAL,
     currency TEXT NOT NULL,
-    api_cost_usd TEXT NOT NULL
+    api_cost_usd TEXT NOT NULL,
+    key_name TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_finished_at ON requests (finished_at);
 CREATE TABLE IF NOT EXISTS energy (
@@ -88,8 +90,10 @@ CREATE INDEX IF NOT EXISTS energy_ended_at ON energy (ended_at);
 
 _REQUEST_COLUMNS = (
     "finished_at", "route", "upstream", "model", "stream", "status", "prompt_tokens", "completion_tokens",
-    "ttft_ms", "tpot_ms", "e2e_ms", "energy_j", "electricity_cost", "currency", "api_cost_usd",
+    "ttft_ms", "tpot_ms", "e2e_ms", "energy_j", "electricity_cost", "currency", "api_cost_usd", "key_name",
 )  # fmt: skip
+# From version N to N + 1 (a ledger is never rewritten: columns are only added).
+_MIGRATIONS = {1: "ALTER TABLE requests ADD COLUMN key_name TEXT"}
 _ENERGY_COLUMNS = (
     "started_at", "ended_at", "status", "source", "reason", "total_j", "idle_j", "attributed_j",
     "unattributed_j", "electricity_cost", "electricity_cost_usd", "currency",
@@ -125,6 +129,7 @@ class RequestRow:
     electricity_cost: float | None  # in `currency`, includes the wall-power factor
     currency: str  # e.g. "VND"
     api_cost_usd: Mapping[str, float]  # per hosted API, USD; stored as JSON text
+    key_name: str | None = None  # the API key's name (never the key); None without keys or before version 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +181,8 @@ class Ledger:
             raise
 
     def _create_schema(self) -> None:
-        """Create the tables once (BEGIN IMMEDIATE: two starting processes cannot race)."""
+        """Create the tables once, or migrate an older ledger (BEGIN IMMEDIATE: two starting
+        processes cannot race)."""
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             version = _user_version(self._conn, self._path)
@@ -188,6 +194,10 @@ class Ledger:
                     if statement.strip():
                         self._conn.execute(statement)
                 self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            else:
+                for older in range(version, SCHEMA_VERSION):
+                    self._conn.execute(_MIGRATIONS[older])
+                    self._conn.execute(f"PRAGMA user_version = {older + 1}")
             self._conn.execute("COMMIT")
         except BaseException:
             self._conn.execute("ROLLBACK")
@@ -203,7 +213,7 @@ class Ledger:
             row.finished_at, row.route, row.upstream, row.model, int(row.stream), row.status,
             row.prompt_tokens, row.completion_tokens, row.ttft_ms, row.tpot_ms, row.e2e_ms, row.energy_j,
             row.electricity_cost, row.currency,
-            json.dumps(dict(row.api_cost_usd), sort_keys=True, allow_nan=False),
+            json.dumps(dict(row.api_cost_usd), sort_keys=True, allow_nan=False), row.key_name,
         )  # fmt: skip
         self._insert("requests", _REQUEST_COLUMNS, values)
 
@@ -264,8 +274,11 @@ def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
 def read_requests(path: Path, since_unix: float = -math.inf, until_unix: float = math.inf) -> list[RequestRow]:
     """Requests finished in [since_unix, until_unix), oldest first."""
     with _read_only(path) as conn:
+        # A ledger no gateway has migrated yet (version 1) has no key names.
+        old = int(conn.execute("PRAGMA user_version").fetchone()[0]) < 2
+        columns = [*_REQUEST_COLUMNS[:-1], "NULL"] if old else _REQUEST_COLUMNS
         cursor = conn.execute(
-            f"SELECT {', '.join(_REQUEST_COLUMNS)} FROM requests"
+            f"SELECT {', '.join(columns)} FROM requests"
             " WHERE finished_at >= ? AND finished_at < ? ORDER BY finished_at, id",
             (since_unix, until_unix),
         )

@@ -3,12 +3,16 @@
 Per-request figures are observed when a request finishes; energy, power, in-flight requests and
 throughput are read from the live state at scrape time. Energy series are absent (not 0) while
 energy is not measured; `student_energy_measured` and `student_energy_info` say why.
+
+The `upstream` label is a replica's base URL, or "gateway" for requests the gateway refused
+itself: as many values as `--upstream` replicas, plus one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
@@ -66,6 +70,10 @@ class GatewayMetrics:
         )
         self.registry.register(_LiveCollector(live))
 
+    def add_replicas(self, status: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
+        """Export each replica's health and requests in flight (`Balancer.status`) at scrape time."""
+        self.registry.register(_ReplicaCollector(status))
+
     def observe(self, record: RequestRecord) -> None:
         """Count one finished request (successful ones also feed the latency histograms)."""
         labels = (record.route, record.upstream)
@@ -82,6 +90,25 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ReplicaCollector(Collector):
+    def __init__(self, status: Callable[[], Iterable[Mapping[str, Any]]]):
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        healthy = GaugeMetricFamily(
+            "student_upstream_healthy", "1 while the replica takes requests, 0 while ejected", labels=["upstream"]
+        )
+        outstanding = GaugeMetricFamily(
+            "student_upstream_outstanding", "Requests in flight to the replica through this gateway",
+            labels=["upstream"],
+        )
+        for replica in self._status():
+            healthy.add_metric([replica["url"]], int(replica["healthy"]))
+            outstanding.add_metric([replica["url"]], replica["outstanding"])
+        yield healthy
+        yield outstanding
 
 
 class _LiveCollector(Collector):

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from server.balancer import Balancer, NoHealthyReplica, Replica
 from server.errors import error_body, error_response, normalize_upstream_error
 from server.settings import Settings
 from server.recorder import RequestRecorder
@@ -67,18 +68,19 @@ def forwardable_headers(headers: Mapping[str, str], drop: frozenset[str]) -> dic
 
 
 class UpstreamProxy:
-    """The request path from the gateway to one vLLM server."""
+    """The request path from the gateway to its vLLM replicas (`balancer` picks one per request)."""
 
     def __init__(
         self,
         session: aiohttp.ClientSession,
-        base_url: str,
+        balancer: Balancer,
         ready_timeout_s: float = 2.0,
         recorder: RequestRecorder | None = None,
         stream_timeouts: StreamTimeouts | None = None,
     ):
         self._session = session
-        self.base_url = base_url
+        self.balancer = balancer
+        self.base_url = ", ".join(balancer.urls)  # for people (/ready, /stats): one URL per replica
         self._ready_timeout = aiohttp.ClientTimeout(total=ready_timeout_s)
         self._recorder = recorder
         self._stream_timeouts = stream_timeouts or StreamTimeouts()
@@ -95,8 +97,13 @@ class UpstreamProxy:
         return self._finish(record, response)
 
     async def forward(self, request: Request, path: str, body: bytes, payload: dict[str, Any]) -> Response:
-        """POST `body` (already parsed as `payload`) to `path` upstream; relay the stream or the answer."""
-        record = _new_record(path, self.base_url, payload)
+        """POST `body` (already parsed as `payload`) to `path` on a replica; relay the stream or the answer.
+
+        When the connection to a replica fails before any answer (refused, or reset: a replica
+        that just died), another replica gets the request: answers have no side effects, and a
+        replica that lost the connection has aborted whatever it had started.
+        """
+        record = _new_record(path, "gateway", payload)
         record.key_name = request.scope.get("state", {}).get("api_key_name")
         recorder = self._recorder
         observer = None
@@ -109,23 +116,41 @@ class UpstreamProxy:
         headers["content-type"] = "application/json"
         if recorder is not None:
             recorder.begin(record)
-        if record.stream:
-            sending = self._session.post(
-                self.base_url + path, data=body, headers=headers, timeout=self._stream_client_timeout
-            )
-            wait_s = self._stream_timeouts.first_token_s
-        else:
-            sending = self._session.post(self.base_url + path, data=body, headers=headers)
-            wait_s = None
         try:
-            upstream = await _unless_disconnected(request, sending, wait_s)
-        except ClientDisconnected:
-            return self._finish(record, Response(status_code=CLIENT_CLOSED_REQUEST))
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            return self._finish(record, upstream_failure(exc))
-        except BaseException:
-            self._finished(record, CLIENT_CLOSED_REQUEST)
-            raise
+            replica = self.balancer.pick()
+        except NoHealthyReplica as exc:
+            return self._finish(record, no_healthy_replica(exc))
+        record.upstream = replica.base_url  # from here on, `_finished` releases the replica
+        tried: list[Replica] = []
+        while True:
+            if record.stream:
+                sending = self._session.post(
+                    replica.base_url + path, data=body, headers=headers, timeout=self._stream_client_timeout
+                )
+                wait_s = self._stream_timeouts.first_token_s
+            else:
+                sending = self._session.post(replica.base_url + path, data=body, headers=headers)
+                wait_s = None
+            try:
+                upstream = await _unless_disconnected(request, sending, wait_s)
+                break
+            except ClientDisconnected:
+                return self._finish(record, Response(status_code=CLIENT_CLOSED_REQUEST))
+            except asyncio.TimeoutError as exc:  # (aiohttp's timeouts too) the replica may be at work
+                return self._finish(record, upstream_failure(exc))
+            except aiohttp.ClientError as exc:
+                tried.append(replica)
+                try:
+                    other = self.balancer.pick(exclude=tried)
+                except NoHealthyReplica:
+                    return self._finish(record, upstream_failure(exc))
+                refused = isinstance(exc, aiohttp.ClientConnectorError)
+                self.balancer.release(replica, upstream_failure(exc).status_code, refused=refused)
+                replica = other
+                record.upstream = replica.base_url
+            except BaseException:
+                self._finished(record, CLIENT_CLOSED_REQUEST)
+                raise
         if upstream.status >= 400 or not record.stream:
             return await self._whole_answer(request, upstream, record)
         return RelayResponse(
@@ -136,31 +161,47 @@ class UpstreamProxy:
         )
 
     async def get(self, path: str) -> Response:
-        """Forward a bodiless GET (e.g. /v1/models)."""
+        """Forward a bodiless GET (e.g. /v1/models) to a healthy replica."""
         try:
-            async with self._session.get(self.base_url + path) as upstream:
+            replica = self.balancer.pick()
+        except NoHealthyReplica as exc:
+            return no_healthy_replica(exc)
+        response: Response | None = None
+        try:
+            async with self._session.get(replica.base_url + path) as upstream:
                 content = await upstream.read()
-                return self._answer(upstream, content)
+                response = self._answer(upstream, content)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            return upstream_failure(exc)
+            response = upstream_failure(exc)
+        finally:
+            self.balancer.release(replica, CLIENT_CLOSED_REQUEST if response is None else response.status_code)
+        return response
 
     async def check_ready(self) -> str | None:
-        """None when the upstream answers its /health, else the reason it does not."""
-        try:
-            async with self._session.get(self.base_url + "/health", timeout=self._ready_timeout) as resp:
-                if resp.status == 200:
-                    return None
-                return f"upstream /health answered HTTP {resp.status}"
-        except aiohttp.ClientError as exc:
-            return f"upstream {self.base_url} unreachable: {exc}"
-        except asyncio.TimeoutError:
-            return f"upstream {self.base_url} did not answer /health in time"
+        """Check every replica's /health now; None when one answers, else why none does."""
+        return await self.balancer.check_ready()
 
     async def vllm_load(self) -> dict[str, Any]:
-        """vLLM's running and waiting requests and KV-cache use (0..1), from its /metrics."""
-        load: dict[str, Any] = {"url": self.base_url, "running": None, "waiting": None, "kv_cache_usage": None}
+        """vLLM's running and waiting requests and KV-cache use (0..1), from each replica's /metrics.
+
+        The top level is all replicas together (requests summed, KV cache the fullest replica's;
+        `error` names those that did not answer); `replicas` has each one's own figures.
+        """
+        loads = await asyncio.gather(*(self._replica_load(url) for url in self.balancer.urls))
+        if len(loads) == 1:
+            return {**loads[0], "replicas": loads}
+        answered = [load for load in loads if load["error"] is None]
+        errors = [f"{load['url']}: {load['error']}" for load in loads if load["error"] is not None]
+        combined: dict[str, Any] = {"url": self.base_url}
+        for key, merge in (("running", sum), ("waiting", sum), ("kv_cache_usage", max)):
+            values = [load[key] for load in answered if load[key] is not None]
+            combined[key] = merge(values) if values else None
+        return {**combined, "error": "; ".join(errors) or None, "replicas": loads}
+
+    async def _replica_load(self, base_url: str) -> dict[str, Any]:
+        load: dict[str, Any] = {"url": base_url, "running": None, "waiting": None, "kv_cache_usage": None}
         try:
-            async with self._session.get(self.base_url + "/metrics", timeout=self._ready_timeout) as resp:
+            async with self._session.get(base_url + "/metrics", timeout=self._ready_timeout) as resp:
                 if resp.status != 200:
                     return {**load, "error": f"upstream /metrics answered HTTP {resp.status}"}
                 text = await resp.text()
@@ -197,6 +238,9 @@ class UpstreamProxy:
             return
         record.finished_s = time.monotonic()
         record.status = status
+        replica = self.balancer.replica(record.upstream)  # None when the gateway refused it
+        if replica is not None:
+            self.balancer.release(replica, status)
         if self._recorder is not None:
             self._recorder.finish(record)
 
@@ -363,6 +407,10 @@ def _new_record(path: str, upstream: str, payload: dict[str, Any] | None) -> Req
     payload = payload or {}
     model = payload.get("model")
     return RequestRecord(path, upstream, payload.get("stream") is True, model if isinstance(model, str) else None)
+
+
+def no_healthy_replica(exc: NoHealthyReplica) -> Response:
+    return error_response(503, f"upstream unavailable: no healthy replica: {exc}", headers={"Retry-After": "5"})
 
 
 def upstream_failure(exc: BaseException) -> Response:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from server.costs import api_costs_usd
@@ -28,10 +29,21 @@ ENERGY_NOTE_PERIOD_S = 1.0
 
 
 class RequestRecorder:
-    """The gateway's accounting. Runs on the event loop (the meter's own thread aside)."""
+    """The gateway's accounting. Runs on the event loop (the meter's own thread aside).
 
-    def __init__(self, settings: Settings, meter: EnergyMeter, ledger: Ledger):
+    `on_finish` (if given) is called with every finished record after it is accounted, before
+    its client sees the end: e.g. to charge the key's tokens/minute limit.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        meter: EnergyMeter,
+        ledger: Ledger,
+        on_finish: Callable[[RequestRecord], None] | None = None,
+    ):
         self._settings = settings
+        self._on_finish = on_finish
         self._tariff = settings.tariff
         self._meter = meter
         self._ledger = ledger
@@ -73,9 +85,12 @@ class RequestRecorder:
                 e2e_ms=record.e2e_ms or 0.0,
                 energy_j=record.energy_j,
                 api_cost_usd=api_cost_usd,
+                upstream=record.upstream,
             )
         )
         self.metrics.observe(record)
+        if self._on_finish is not None:
+            self._on_finish(record)
         if self._settings.access_log:
             print(f"[request] {describe(record)}", file=sys.stderr, flush=True)
 
@@ -96,6 +111,7 @@ class RequestRecorder:
             electricity_cost=self._tariff.energy_cost(record.energy_j),
             currency=self._tariff.currency,
             api_cost_usd=api_cost_usd,
+            key_name=record.key_name,
         )
         try:
             self._ledger.add_request(row)
@@ -152,7 +168,10 @@ class RequestRecorder:
 
     # --- reporting ------------------------------------------------------------------------
 
-    def stats(self, window_s: float | None, upstream: dict[str, Any]) -> dict[str, Any]:
+    def stats(
+        self, window_s: float | None, upstream: dict[str, Any], replicas: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """The /stats document; `upstream`: vLLM's load, `replicas`: `Balancer.status()`."""
         inputs = StatsInputs(
             energy=self._meter.snapshot(),
             tariff=self._tariff,
@@ -160,6 +179,7 @@ class RequestRecorder:
             in_flight=self.in_flight,
             upstream=upstream,
             power_limit_w=self._meter.power_limit_w(),
+            replicas=replicas or (),
         )
         return build_stats(self.book, inputs, window_s, time.monotonic())
 

@@ -32,7 +32,7 @@ _FLAG_FIELDS = {
     "host": "host",
     "port": "port",
     "vllm_port": "vllm_port",
-    "upstream": "upstream_url",
+    "upstream": "upstream_urls",
     "served_model_name": "served_model_name",
     "device": "device",
     "dtype": "dtype",
@@ -53,6 +53,7 @@ _FLAG_FIELDS = {
     "api_keys_file": "api_keys_file",
     "observability": "observability_access",
     "rate_limit_rpm": "rate_limit_rpm",
+    "rate_limit_tpm": "rate_limit_tpm",
     "max_in_flight": "max_in_flight",
     "max_queue": "max_queue",
     "drain_timeout_s": "drain_timeout_s",
@@ -76,7 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="gateway address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="gateway port (default 8000)")
     parser.add_argument("--vllm-port", type=int, help="port of the vLLM child (default 8001)")
-    parser.add_argument("--upstream", metavar="URL", help="front an already running vLLM instead of starting one")
+    parser.add_argument(
+        "--upstream", metavar="URL", action="append",
+        help="front an already running vLLM instead of starting one; repeat for several replicas (balanced, health-checked)",
+    )
     parser.add_argument("--served-model-name", help="model name clients send (default 'student')")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], help="default: gpu if nvidia-smi exists")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
@@ -89,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     access.add_argument("--api-keys-file", type=Path, help="file of name=key lines; /v1/* then needs Authorization: Bearer KEY (or STUDENT_API_KEYS)")
     access.add_argument("--observability", choices=["open", "key", "localhost"], help="who may read /metrics, /stats, /dashboard (default open)")
     access.add_argument("--rate-limit-rpm", type=int, help="requests per minute per key (429 + Retry-After beyond)")
+    access.add_argument("--rate-limit-tpm", type=int, help="tokens (prompt + completion) per minute per key, charged as answers finish (429 + Retry-After beyond)")
     access.add_argument("--max-in-flight", type=int, help="answers the gateway lets run at once (default 2 x max-num-seqs)")
     access.add_argument("--drain-timeout-s", type=float, help="on SIGTERM: stop accepting, let answers in flight finish this long (default 30)")
     access.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (default 3 x max-num-seqs)")
@@ -156,6 +161,8 @@ def serve(settings: Settings) -> int:
             supervisor.start()
             waited_s = supervisor.wait_ready()
             _say(f"vLLM ready in {waited_s:.1f} s at {settings.upstream_base_url}")
+        else:
+            _say(f"fronting {len(settings.upstream_urls)} vLLM replica(s): {', '.join(settings.upstream_urls)}")
         _print_usage(settings)
         server = uvicorn.Server(_uvicorn_config(settings, supervisor))
         server.run()

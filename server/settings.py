@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.costs import DEFAULT_PRICE_PER_KWH_VND, DEFAULT_USD_RATE, ApiPrice, Tariff, default_api_prices
 from server.ledger import default_ledger_path
@@ -28,14 +28,20 @@ def default_cache_dir() -> Path:
 class Settings(BaseSettings):
     """Everything `student serve` needs to run the gateway and (optionally) its vLLM child."""
 
-    model_config = SettingsConfigDict(env_prefix="STUDENT_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="STUDENT_", extra="ignore", populate_by_name=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
     model_dir: Path | None = None
     served_model_name: str = "student"
-    upstream_url: str | None = None
+    # vLLM servers to front (replicas); none: start and supervise one. The environment takes a
+    # comma-separated list as STUDENT_UPSTREAM_URLS or, as before, STUDENT_UPSTREAM_URL (an
+    # alias stops env_prefix applying, hence the full names); `upstream_url=` still works too.
+    upstream_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=AliasChoices("student_upstream_urls", "student_upstream_url")
+    )
+    health_check_interval_s: float = Field(2.0, gt=0, description="how often each upstream's /health is polled")
 
     profile: str | None = Field(None, description="named hardware profile (server/profiles.py)")
     vllm_host: str = "127.0.0.1"
@@ -87,26 +93,53 @@ class Settings(BaseSettings):
     wall_power_factor: float = Field(1.0, ge=1.0, description="measured energy × this = estimate at the wall")
     api_prices: dict[str, ApiPrice] = Field(default_factory=default_api_prices)
 
-    @field_validator("upstream_url")
+    @model_validator(mode="before")
     @classmethod
-    def _upstream_is_http(cls, url: str | None) -> str | None:
-        if url is None:
-            return None
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ValueError(f"upstream URL must look like http://host:port, got {url!r}")
-        return url.rstrip("/").removesuffix("/v1")
+    def _accept_upstream_url(cls, data: Any) -> Any:
+        """`Settings(upstream_url=...)`, the name of one upstream before replicas, still works."""
+        if isinstance(data, dict) and "upstream_url" in data:  # only a keyword argument has this key
+            data = {k: v for k, v in data.items() if k not in ("student_upstream_urls", "student_upstream_url")}
+            single = data.pop("upstream_url")
+            data["upstream_urls"] = [] if single is None else single
+        return data
+
+    @field_validator("upstream_urls", mode="before")
+    @classmethod
+    def _split_upstreams(cls, urls: Any) -> Any:
+        if isinstance(urls, str):
+            return [url.strip() for url in urls.split(",") if url.strip()]
+        return urls
+
+    @field_validator("upstream_urls")
+    @classmethod
+    def _upstreams_are_http(cls, urls: list[str]) -> list[str]:
+        roots: list[str] = []
+        for url in urls:
+            parsed = urlparse(url)
+            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                raise ValueError(f"upstream URL must look like http://host:port, got {url!r}")
+            root = url.rstrip("/").removesuffix("/v1")
+            if root in roots:
+                raise ValueError(f"upstream {root} is given twice")
+            roots.append(root)
+        return roots
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Settings:
-        if self.upstream_url is None and self.port == self.vllm_port and self.host == self.vllm_host:
+        if self.manages_vllm and self.port == self.vllm_port and self.host == self.vllm_host:
             raise ValueError(f"gateway and vLLM cannot both listen on {self.host}:{self.port}")
         return self
 
     @property
+    def upstream_base_urls(self) -> list[str]:
+        """Root URLs (no trailing /v1) of the vLLM servers the gateway forwards to: the
+        `--upstream` ones, or the vLLM child's."""
+        return list(self.upstream_urls) or [f"http://{self.vllm_host}:{self.vllm_port}"]
+
+    @property
     def upstream_base_url(self) -> str:
-        """Root URL of the vLLM server the gateway forwards to (no trailing /v1)."""
-        return self.upstream_url or f"http://{self.vllm_host}:{self.vllm_port}"
+        """The first upstream's root URL: the vLLM child's when `student serve` manages it."""
+        return self.upstream_base_urls[0]
 
     @property
     def admission_limits(self) -> tuple[int, int]:
@@ -122,7 +155,7 @@ class Settings(BaseSettings):
     @property
     def manages_vllm(self) -> bool:
         """True when `student serve` starts vLLM itself rather than fronting `--upstream`."""
-        return self.upstream_url is None
+        return not self.upstream_urls
 
     def resolved_device(self) -> Literal["cpu", "gpu"]:
         """`auto` means GPU when an NVIDIA driver is visible (nvidia-smi on PATH)."""

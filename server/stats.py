@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ class FinishedRequest:
     e2e_ms: float
     energy_j: float | None
     api_cost_usd: Mapping[str, float]
+    upstream: str = ""  # the replica's base URL, or "gateway" when the gateway refused it
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,7 @@ class StatsBook:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     api_cost_usd: dict[str, float] = field(default_factory=dict)
+    by_upstream: dict[str, list[int]] = field(default_factory=dict)  # upstream -> [total, ok]
     _recent: deque[FinishedRequest] = field(init=False)
     _energy: deque[tuple[float, EnergyTotals]] = field(default_factory=deque)
     _energy_trimmed: bool = False
@@ -95,6 +97,11 @@ class StatsBook:
         self.completion_tokens += request.completion_tokens
         for name, cost in request.api_cost_usd.items():
             self.api_cost_usd[name] = self.api_cost_usd.get(name, 0.0) + cost
+        counts = self.by_upstream.get(request.upstream)
+        if counts is None:
+            counts = self.by_upstream[request.upstream] = [0, 0]
+        counts[0] += 1
+        counts[1] += request.ok
         self._recent.append(request)
 
     def note_energy(self, now_s: float, totals: EnergyTotals) -> None:
@@ -140,7 +147,11 @@ def percentiles(values: Iterable[float | None]) -> dict[str, float | int | None]
 
 @dataclass(frozen=True, slots=True)
 class StatsInputs:
-    """Everything /stats reports besides the book: the meter now, prices, vLLM's own gauges."""
+    """Everything /stats reports besides the book: the meter now, prices, vLLM's own gauges.
+
+    `upstream` is vLLM's load (`UpstreamProxy.vllm_load`: all replicas, each one's under
+    `replicas`); `replicas` is each replica's state in the gateway (`Balancer.status`).
+    """
 
     energy: EnergySnapshot
     tariff: Tariff
@@ -148,6 +159,7 @@ class StatsInputs:
     in_flight: int
     upstream: dict[str, Any]
     power_limit_w: float | None = None
+    replicas: Sequence[Mapping[str, Any]] = ()
 
 
 def build_stats(book: StatsBook, inputs: StatsInputs, window_s: float | None, now_s: float) -> dict[str, Any]:
@@ -169,6 +181,8 @@ def build_stats(book: StatsBook, inputs: StatsInputs, window_s: float | None, no
         api_cost = {name: sum(r.api_cost_usd.get(name, 0.0) for r in requests) for name in inputs.api_prices}
     successful = [request for request in requests if request.ok]
     energy = _energy_block(book, inputs, window_s, now_s - span_s)
+    upstream = dict(inputs.upstream)
+    loads = upstream.pop("replicas", None) or ()
     energy["completion_tokens_per_j"] = tokens["completion"] / energy["total_j"] if energy["total_j"] else None
     return {
         "window_s": window_s,
@@ -186,8 +200,44 @@ def build_stats(book: StatsBook, inputs: StatsInputs, window_s: float | None, no
         },
         "energy": energy,
         "cost": _cost_block(inputs, energy, requests, counts["total"], span_s, api_cost),
-        "upstream": inputs.upstream,
+        "upstream": upstream,
+        "upstreams": _upstreams_block(book, inputs.replicas, loads, requests, window_s),
     }
+
+
+def _upstreams_block(
+    book: StatsBook,
+    replicas: Sequence[Mapping[str, Any]],
+    loads: Iterable[Mapping[str, Any]],
+    requests: list[FinishedRequest],
+    window_s: float | None,
+) -> list[dict[str, Any]]:
+    """Per replica: its state in the gateway, its finished requests and TTFT, vLLM's own load."""
+    vllm = {load["url"]: {k: v for k, v in load.items() if k != "url"} for load in loads}
+    mine: dict[str, list[FinishedRequest]] = {replica["url"]: [] for replica in replicas}
+    for request in requests:
+        found = mine.get(request.upstream)
+        if found is not None:
+            found.append(request)
+    block = []
+    for replica in replicas:
+        url = replica["url"]
+        if window_s is None:
+            total, ok = book.by_upstream.get(url, (0, 0))
+        else:
+            total, ok = len(mine[url]), sum(request.ok for request in mine[url])
+        block.append(
+            {
+                "url": url,
+                "healthy": replica["healthy"],
+                "reason": replica["reason"],
+                "outstanding": replica["outstanding"],
+                "requests": {"total": total, "ok": ok, "error": total - ok},
+                "ttft_ms": percentiles(request.ttft_ms for request in mine[url] if request.ok),
+                "vllm": vllm.get(url),
+            }
+        )
+    return block
 
 
 def _energy_block(book: StatsBook, inputs: StatsInputs, window_s: float | None, since_s: float) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 import urllib.request
 from collections.abc import Iterator
 from email.message import Message
@@ -10,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from server.auth import AccessMiddleware, KeyFileError, RateLimiter, key_name, load_keys, parse_keys
+from server.app import create_app
+from server.auth import AccessMiddleware, KeyFileError, RateLimiter, TokenLimiter, key_name, load_keys, parse_keys
+from server.ledger import read_requests
+from server.settings import Settings
+from server.telemetry import RequestRecord
 from tests.support import Stack, http_get, start_stack
 
 SHOP_KEY = "sk-shop-0123456789abcdef"
@@ -48,6 +54,68 @@ def test_rate_limiter_refills_continuously() -> None:
     assert limiter.admit("a", 0.0) == pytest.approx(30.0)  # one request every 30 s
     assert limiter.admit("b", 0.0) == 0.0  # per key
     assert limiter.admit("a", 30.0) == 0.0
+
+
+def test_token_limiter_refuses_at_the_limit_until_enough_of_the_window_expires() -> None:
+    limiter = TokenLimiter(per_minute=100)
+    limiter.add("a", 60, now_s=0.0)
+    assert limiter.admit("a", 1.0) == 0.0  # 60 < 100
+    limiter.add("a", 40, now_s=10.0)  # admitted under the limit, finished at it
+    assert limiter.admit("a", 20.0) == pytest.approx(40.0)  # the 60 tokens of t=0 expire at t=60
+    assert limiter.admit("a", 59.5) == pytest.approx(0.5)
+    assert limiter.admit("a", 60.0) == 0.0 and limiter.tokens_in_window("a", 60.0) == 40
+
+
+def test_token_limiter_retry_after_waits_for_as_many_entries_as_needed() -> None:
+    limiter = TokenLimiter(per_minute=100)
+    for at_s, tokens in ((0.0, 10), (5.0, 10), (10.0, 100)):
+        limiter.add("a", tokens, at_s)
+    # 120 in the window: after t=0 and t=5 expire 100 remain, still at the limit; so until t=10 + 60.
+    assert limiter.admit("a", 30.0) == pytest.approx(40.0)
+    assert limiter.admit("a", 65.0) == pytest.approx(5.0) and limiter.tokens_in_window("a", 65.0) == 100
+    assert limiter.admit("a", 70.0) == 0.0
+
+
+def test_token_limiter_keeps_keys_apart_and_forgets_what_expired() -> None:
+    limiter = TokenLimiter(per_minute=50)
+    for k in range(10):
+        limiter.add("a", 10, now_s=float(k))
+    assert limiter.admit("a", 10.0) > 0 and limiter.admit("b", 10.0) == 0.0  # per key
+    limiter.add("b", 0, now_s=10.0)  # nothing used: nothing kept
+    assert limiter.tokens_in_window("b", 10.0) == 0
+    assert limiter.admit("a", 70.0) == 0.0  # every entry older than 60 s is gone...
+    assert limiter._spent == {} and limiter._totals == {}  # ...and so is the idle key: memory stays bounded
+
+
+def test_token_limiter_charges_a_finished_record_to_its_key() -> None:
+    limiter = TokenLimiter(per_minute=30)
+    record = RequestRecord("/v1/chat/completions", "http://up", stream=True, key_name="shop")
+    record.prompt_tokens, record.completion_tokens, record.finished_s = 20, 10, 5.0
+    limiter.charge(record)
+    anonymous = RequestRecord("/v1/completions", "gateway", stream=False)  # refused before a key was known
+    anonymous.prompt_tokens, anonymous.finished_s = 99, 5.0
+    limiter.charge(anonymous)
+    assert limiter.tokens_in_window("shop", 6.0) == 30 and limiter.admit("shop", 6.0) == pytest.approx(59.0)
+
+
+def test_over_the_token_limit_is_a_429_with_retry_after_before_the_request_limit_is_touched() -> None:
+    tokens = TokenLimiter(per_minute=30)
+    middleware = AccessMiddleware(
+        app=None, digests={}, requests_per_minute=1, token_limiter=tokens  # type: ignore[arg-type]
+    )
+    assert middleware._check_api({"path": "/v1/chat/completions"}) is None  # the one request of this minute
+    tokens.add("anonymous", 30, now_s=time.monotonic())
+    refusal = middleware._check_api({"path": "/v1/chat/completions"})
+    body = json.loads(refusal.body)
+    assert refusal.status_code == 429 and 59 <= int(refusal.headers["Retry-After"]) <= 60
+    assert body["error"]["type"] == "rate_limit_error" and "30 tokens" in body["error"]["message"]
+    assert "per minute" in body["error"]["message"] and "'anonymous'" in body["error"]["message"]
+
+
+def test_a_token_limit_without_telemetry_is_a_loud_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="server.app"):
+        create_app(Settings(rate_limit_tpm=1000, telemetry=False))
+    assert "tokens/minute limit (1000) NOT enforced" in caplog.text and "telemetry" in caplog.text
 
 
 def test_localhost_only_observability_refuses_other_clients() -> None:
@@ -105,3 +173,43 @@ def test_observability_with_key_mode(keyed_gateway: Stack) -> None:
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200 and json.loads(response.read())["requests"]["total"] >= 0
     assert http_get(f"{keyed_gateway.url}/health")[0] == 200  # liveness stays open for orchestrators
+
+
+TOKENS_PER_MINUTE = 60
+
+
+@pytest.fixture(scope="module")
+def tpm_gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A gateway in front of the session's vLLM that allows each key 60 tokens a minute."""
+    folder = tmp_path_factory.mktemp("tpm")
+    gateway = start_stack(
+        ["--upstream", stack.vllm_url, "--rate-limit-tpm", str(TOKENS_PER_MINUTE)],
+        folder / "gateway.log",
+        env={"STUDENT_API_KEYS": f"shop={SHOP_KEY},ops={OPS_KEY}"},
+    )
+    try:
+        gateway.wait_ready(60)
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def test_each_key_is_refused_once_its_answers_reached_the_token_limit(tpm_gateway: Stack) -> None:
+    spent: list[int] = []  # tokens of each answered request, from its usage
+    while True:
+        status, headers, body = chat(tpm_gateway.url, SHOP_KEY)
+        if status != 200:
+            break
+        spent.append(body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"])
+        assert len(spent) < 20, f"never refused after {sum(spent)} tokens"
+    # Charged as each answer finished: admitted while under the limit, refused from the one that reached it.
+    assert sum(spent[:-1]) < TOKENS_PER_MINUTE <= sum(spent), spent
+    assert status == 429 and 1 <= int(headers["Retry-After"]) <= 60
+    error = body["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", 429)
+    assert f"{TOKENS_PER_MINUTE} tokens (prompt + completion) per minute" in error["message"]
+    assert "'shop'" in error["message"]
+    assert chat(tpm_gateway.url, SHOP_KEY)[0] == 429  # still refused: refusals cost nothing, but free nothing
+    assert chat(tpm_gateway.url, OPS_KEY)[0] == 200  # the other key has its own minute
+    # The ledger names each answered request's key (never the key itself); refusals are not in it.
+    assert [row.key_name for row in read_requests(tpm_gateway.ledger_path)] == ["shop"] * len(spent) + ["ops"]

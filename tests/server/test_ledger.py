@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from contextlib import closing
 from datetime import date, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -213,11 +214,37 @@ def test_no_column_can_hold_prompt_or_answer_text(ledger: Ledger) -> None:
     assert tables == {"requests", "energy"}
     assert set(columns["requests"]) == {
         "id", "finished_at", "route", "upstream", "model", "stream", "status", "prompt_tokens", "completion_tokens",
-        "ttft_ms", "tpot_ms", "e2e_ms", "energy_j", "electricity_cost", "currency", "api_cost_usd",
+        "ttft_ms", "tpot_ms", "e2e_ms", "energy_j", "electricity_cost", "currency", "api_cost_usd", "key_name",
     }  # fmt: skip
     for name in columns["requests"] + columns["energy"]:
         assert not any(word in name for word in ("message", "content", "text", "answer", "body")), name
         assert "prompt" not in name or name == "prompt_tokens"
+
+
+VERSION_1_REQUESTS = """CREATE TABLE requests (
+    id INTEGER PRIMARY KEY, finished_at REAL NOT NULL, route TEXT NOT NULL, upstream TEXT NOT NULL, model TEXT,
+    stream INTEGER NOT NULL, status INTEGER NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER,
+    ttft_ms REAL, tpot_ms REAL, e2e_ms REAL NOT NULL, energy_j REAL, electricity_cost REAL, currency TEXT NOT NULL,
+    api_cost_usd TEXT NOT NULL)"""
+
+
+def test_a_version_1_ledger_is_read_as_it_is_and_migrated_when_a_gateway_opens_it(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(VERSION_1_REQUESTS)
+        conn.execute(
+            "INSERT INTO requests (finished_at, route, upstream, stream, status, e2e_ms, currency, api_cost_usd)"
+            " VALUES (1750000000.0, '/v1/completions', 'http://u', 0, 200, 42.0, 'VND', '{}')"
+        )
+        conn.execute("PRAGMA user_version = 1")
+    assert [row.key_name for row in read_requests(path)] == [None]  # `student report` never changes a ledger
+    ledger = Ledger(path)
+    ledger.add_request(request_row(1_750_000_001.0, key_name="shop"))
+    ledger.close()
+    assert [row.key_name for row in read_requests(path)] == [None, "shop"]
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    Ledger(path).close()  # migrated once: opening it again changes nothing
 
 
 def test_missing_ledger_is_a_clear_error_and_is_not_created(tmp_path: Path) -> None:

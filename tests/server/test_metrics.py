@@ -229,3 +229,34 @@ def test_two_gateways_share_no_state_and_leave_the_global_registry_alone() -> No
     assert "student_prompt_tokens_total" not in names(scrape(second))
     assert value(scrape(second), "student_requests_in_flight") == 7
     assert b"student_" not in prometheus_client.generate_latest(prometheus_client.REGISTRY)
+
+
+# --- several replicas -------------------------------------------------------------------------
+
+
+def test_each_replica_has_a_health_and_an_outstanding_gauge_read_at_scrape_time() -> None:
+    metrics = GatewayMetrics(Live(unavailable_figures()))
+    status = [
+        {"url": "http://gpu1:8001", "healthy": True, "outstanding": 3, "requests": 9, "failures": 0, "reason": None},
+        {"url": "http://gpu2:8001", "healthy": False, "outstanding": 0, "requests": 4, "failures": 3, "reason": "down"},
+    ]
+    metrics.add_replicas(lambda: status)
+    samples = scrape(metrics)
+    assert value(samples, "student_upstream_healthy", upstream="http://gpu1:8001") == 1
+    assert value(samples, "student_upstream_healthy", upstream="http://gpu2:8001") == 0
+    assert value(samples, "student_upstream_outstanding", upstream="http://gpu1:8001") == 3
+    status[1] = {**status[1], "healthy": True, "outstanding": 1}
+    samples = scrape(metrics)
+    assert value(samples, "student_upstream_healthy", upstream="http://gpu2:8001") == 1
+    assert value(samples, "student_upstream_outstanding", upstream="http://gpu2:8001") == 1
+
+
+def test_requests_are_labelled_by_replica_and_the_gateways_own_refusals(metrics: GatewayMetrics) -> None:
+    for upstream in ("http://gpu1:8001", "http://gpu2:8001", "http://gpu1:8001", "gateway"):
+        metrics.observe(record(200 if upstream != "gateway" else 400, upstream=upstream))
+    samples = scrape(metrics)
+    assert value(samples, "student_requests_total", route=CHAT[0], upstream="http://gpu1:8001", status="200") == 2
+    assert value(samples, "student_requests_total", route=CHAT[0], upstream="http://gpu2:8001", status="200") == 1
+    assert value(samples, "student_requests_total", route=CHAT[0], upstream="gateway", status="400") == 1
+    upstreams = {s.labels["upstream"] for s in samples if s.name == "student_requests_total"}
+    assert upstreams == {"http://gpu1:8001", "http://gpu2:8001", "gateway"}

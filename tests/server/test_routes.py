@@ -39,7 +39,11 @@ def _health(gateway: Stack) -> int:
 def test_ready_when_vllm_answers(stack: Stack) -> None:
     status, body = http_get(f"{stack.url}/ready")
     assert status == 200
-    assert json.loads(body) == {"status": "ready", "upstream": stack.vllm_url}
+    assert json.loads(body) == {
+        "status": "ready",
+        "upstream": stack.vllm_url,
+        "replicas": [{"url": stack.vllm_url, "healthy": True, "reason": None}],
+    }
 
 
 def test_health_says_alive_even_without_upstream(orphan_gateway: Stack) -> None:

@@ -5,6 +5,8 @@ Expected values are worked out by hand in each test (kWh = J / 3.6e6, month = 30
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from server.costs import ApiPrice, Tariff, api_costs_usd
@@ -319,3 +321,71 @@ def test_a_window_longer_than_the_energy_history_does_not_report_all_time_energy
     window_j = stats["energy"]["total_j"]
     # 2 days at 100 W is 17.28 MJ; the meter's 3-day total (25.92 MJ) must not be reported as the window's.
     assert window_j is None or window_j <= 100.0 * 2 * day
+
+
+# --- several replicas -----------------------------------------------------------------------
+
+R1, R2 = "http://gpu1:8001", "http://gpu2:8001"
+
+
+def replica_status(url: str, healthy: bool = True, outstanding: int = 0, reason: str | None = None) -> dict:
+    """One entry of `Balancer.status()`."""
+    return {"url": url, "healthy": healthy, "outstanding": outstanding, "requests": 0, "failures": 0, "reason": reason}
+
+
+def replicas_book() -> StatsBook:
+    book = StatsBook(started_s=0.0)
+    for finished_s, upstream, ok, ttft in [
+        (100.0, R1, True, 40.0),  # before the window below
+        (600.0, R1, True, 10.0),
+        (700.0, R1, True, 30.0),
+        (800.0, R2, False, None),
+        (850.0, R2, True, 80.0),
+        (900.0, "gateway", False, None),  # refused by the gateway: no replica's
+    ]:
+        book.add(replace(finished(finished_s, ok=ok, ttft=ttft), upstream=upstream))
+    return book
+
+
+def replicas_inputs() -> StatsInputs:
+    load = {"url": f"{R1}, {R2}", "running": 3, "waiting": 0, "kv_cache_usage": 0.5, "error": None}
+    loads = [
+        {"url": R1, "running": 2, "waiting": 0, "kv_cache_usage": 0.5, "error": None},
+        {"url": R2, "running": 1, "waiting": 0, "kv_cache_usage": 0.25, "error": None},
+    ]
+    return replace(
+        inputs(unavailable()),
+        upstream={**load, "replicas": loads},
+        replicas=[replica_status(R1, outstanding=2), replica_status(R2, False, 1, f"upstream {R2} unreachable")],
+    )
+
+
+def test_each_replica_gets_its_state_counts_ttft_and_vllm_load() -> None:
+    stats = build_stats(replicas_book(), replicas_inputs(), None, 1000.0)
+    assert stats["upstream"] == {"url": f"{R1}, {R2}", "running": 3, "waiting": 0, "kv_cache_usage": 0.5, "error": None}
+    first, second = stats["upstreams"]
+    assert first["url"] == R1 and first["healthy"] and first["reason"] is None and first["outstanding"] == 2
+    assert first["requests"] == {"total": 3, "ok": 3, "error": 0}
+    assert first["ttft_ms"] == pytest.approx({"count": 3, "p50": 30.0, "p95": 39.0, "p99": 39.8})
+    assert first["vllm"] == {"running": 2, "waiting": 0, "kv_cache_usage": 0.5, "error": None}
+    assert (second["healthy"], second["reason"], second["outstanding"]) == (False, f"upstream {R2} unreachable", 1)
+    assert second["requests"] == {"total": 2, "ok": 1, "error": 1}
+    assert second["ttft_ms"]["p50"] == 80.0
+    assert stats["requests"]["total"] == 6  # the gateway's own refusal counts overall only
+
+
+def test_replica_counts_in_a_window_and_all_time_after_retention_dropped_requests() -> None:
+    stats = build_stats(replicas_book(), replicas_inputs(), 500.0, 1000.0)
+    assert [entry["requests"]["total"] for entry in stats["upstreams"]] == [2, 2]
+    assert stats["upstreams"][0]["ttft_ms"]["count"] == 2
+    small = StatsBook(retention=100, started_s=0.0)
+    for index in range(150):
+        small.add(replace(finished(float(index)), upstream=R1))
+    stats = build_stats(small, replicas_inputs(), None, 200.0)
+    assert stats["upstreams"][0]["requests"] == {"total": 150, "ok": 150, "error": 0}
+    assert stats["upstreams"][0]["ttft_ms"]["count"] == 0  # these had no first token
+
+
+def test_without_replicas_the_block_is_empty_and_upstream_unchanged() -> None:
+    stats = build_stats(replicas_book(), inputs(unavailable()), None, 1000.0)
+    assert stats["upstreams"] == [] and stats["upstream"] == {"running": 1}
