@@ -143,9 +143,9 @@ class UpstreamProxy:
                 try:
                     other = self.balancer.pick(exclude=tried)
                 except NoHealthyReplica:
-                    return self._finish(record, upstream_failure(exc))
+                    return self._finish(record, upstream_failure(exc, before_answer=True))
                 refused = isinstance(exc, aiohttp.ClientConnectorError)
-                self.balancer.release(replica, upstream_failure(exc).status_code, refused=refused)
+                self.balancer.release(replica, upstream_failure(exc, before_answer=True).status_code, refused=refused)
                 replica = other
                 record.upstream = replica.base_url
             except BaseException:
@@ -413,13 +413,19 @@ def no_healthy_replica(exc: NoHealthyReplica) -> Response:
     return error_response(503, f"upstream unavailable: no healthy replica: {exc}", headers={"Retry-After": "5"})
 
 
-def upstream_failure(exc: BaseException) -> Response:
-    """504 on a timeout, 503 when nothing listens upstream, 502 when it broke mid-answer."""
+def upstream_failure(exc: BaseException, before_answer: bool = False) -> Response:
+    """504 on a timeout, 503 when nothing listens upstream, 502 when it broke mid-answer.
+
+    `before_answer`: the connection failed before any answer came (e.g. reset by a vLLM that
+    just died): the upstream is unavailable, so 503 with Retry-After too.
+    """
     if isinstance(exc, UpstreamSilent):
         return error_response(504, str(exc))
     if isinstance(exc, asyncio.TimeoutError):
         return error_response(504, "upstream did not answer in time")
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError):
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError) or (
+        before_answer and isinstance(exc, aiohttp.ClientOSError)
+    ):
         return error_response(503, f"upstream unavailable: {exc}", headers={"Retry-After": "5"})
     return error_response(502, f"upstream error: {exc!r}")
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import socketserver
+import struct
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -28,12 +31,24 @@ class BreaksMidStream(socketserver.BaseRequestHandler):
         self.request.close()
 
 
-@pytest.fixture(scope="module")
-def gateway_to_broken_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    upstream = socketserver.ThreadingTCPServer(("127.0.0.1", 0), BreaksMidStream)
+class ResetsBeforeAnswering(socketserver.BaseRequestHandler):
+    """Healthy to GETs (/health); a POST is read, then the connection reset (RST) without a byte
+    of answer: a vLLM dying under a request."""
+
+    def handle(self) -> None:
+        if self.request.recv(65536).startswith(b"GET"):
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            self.request.close()
+            return
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.request.close()
+
+
+@contextmanager
+def gateway_in_front_of(handler: type[socketserver.BaseRequestHandler], log_dir) -> Iterator[Stack]:
+    upstream = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{upstream.server_address[1]}"
-    gateway = start_stack(["--upstream", url], tmp_path_factory.mktemp("faults") / "log")
+    gateway = start_stack(["--upstream", f"http://127.0.0.1:{upstream.server_address[1]}"], log_dir / "log")
     try:
         assert wait_for(lambda: _up(gateway), 60), gateway.log()
         yield gateway
@@ -41,6 +56,12 @@ def gateway_to_broken_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iter
         gateway.stop()
         upstream.shutdown()
         upstream.server_close()
+
+
+@pytest.fixture(scope="module")
+def gateway_to_broken_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with gateway_in_front_of(BreaksMidStream, tmp_path_factory.mktemp("faults")) as gateway:
+        yield gateway
 
 
 def _up(gateway: Stack) -> bool:
@@ -61,3 +82,17 @@ def test_stream_broken_upstream_ends_with_error_event_and_done(gateway_to_broken
     error = json.loads(events[2].removeprefix(b"data: "))["error"]
     assert error["code"] == 502 and "broke off" in error["message"]
     assert events[3:] == [b"data: [DONE]\n\n"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_connection_reset_before_any_answer_is_503_with_retry_after(tmp_path, stream: bool) -> None:
+    with gateway_in_front_of(ResetsBeforeAnswering, tmp_path) as gateway:
+        connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+        body = json.dumps({"model": "student", "prompt": "x", "stream": stream})
+        connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        error = json.loads(response.read())["error"]
+    assert response.status == 503, error
+    assert response.getheader("Retry-After") == "5"
+    assert error["code"] == 503 and "unavailable" in error["message"]
+    assert "no healthy replica" not in error["message"]  # the reset itself, not a failed health check
