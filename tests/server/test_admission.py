@@ -8,7 +8,7 @@ from pathlib import Path
 
 from openai import OpenAI, RateLimitError
 
-from tests.support import Stack, post_json, start_stack
+from tests.support import Stack, post_json, start_stack, vllm_gauge, wait_for
 
 LONG = {"max_tokens": 1500, "extra_body": {"ignore_eos": True}}
 
@@ -28,10 +28,14 @@ def test_requests_beyond_the_cap_and_the_line_get_429_and_admitted_ones_finish(
             answer = client.completions.create(model="student", prompt="Xin chào", **LONG)
             finished.append(answer.usage.completion_tokens)
 
+        # Warm up: the client's first call (lazy imports) and the gateway's first request (it
+        # learns the served models) can take seconds on a busy box, which would reorder the three.
+        client.completions.create(model="student", prompt="Xin chào", max_tokens=2)
         workers = [threading.Thread(target=long_answer) for _ in range(2)]
-        for worker in workers:
-            worker.start()
-            time.sleep(0.3)  # the first is answering, the second waits in line
+        workers[0].start()
+        assert wait_for(lambda: vllm_gauge(stack.vllm_url, "vllm:num_requests_running") >= 1, 30)
+        workers[1].start()
+        time.sleep(0.5)  # the first is answering, the second waits in line
         started_s = time.monotonic()
         try:
             client.completions.create(model="student", prompt="Xin chào", max_tokens=2)
