@@ -49,13 +49,12 @@ LOAD = ["--rps", str(RATE_RPS), "--duration-s", str(DURATION_S), "--seed", "5",
         # Errors are expected here: the SLO verdict is not what this test checks.
         "--slo-ttft-p95-ms", "60000", "--slo-tpot-p95-ms", "10000", "--slo-max-error-rate", "1"]
 ANSWERED_BEFORE_KILL = 5  # requests in the ledger before the fault: the load is really flowing
-IN_FLIGHT_AT_KILL = 2  # the long stream and (if it comes within a while) one of the load's own
 # Admission control's own refusals (server/admission.py): they never reach the proxy or the ledger.
 ADMISSION_MESSAGES = ("the model server is not ready", "the gateway is at capacity")
 
 
 class LongStream(threading.Thread):
-    """One streamed chat that would run for minutes: vLLM is killed while it is mid-answer."""
+    """One long streamed chat (3,800 tokens: seconds to minutes): vLLM is killed while it is mid-answer."""
 
     def __init__(self, url: str):
         super().__init__(daemon=True)
@@ -76,29 +75,15 @@ class LongStream(threading.Thread):
                 for line in response:
                     if line.startswith(b"data:"):
                         self.data.append(line[5:].strip().decode())
-                        if has_content(self.data[-1]):
-                            self.first_token.set()
+                        self.first_token.set()  # vLLM sends its first chunk with the first token
         except BaseException as exc:  # noqa: BLE001  reported by the test
             self.failure = exc
         finally:
             self.first_token.set()
 
 
-def has_content(data: str) -> bool:
-    try:
-        choices = json.loads(data).get("choices") or []
-    except (ValueError, AttributeError):
-        return False
-    return any((choice.get("delta") or {}).get("content") for choice in choices)
-
-
 def ledger_count(stack: Stack) -> int:
     return len(read_requests(stack.ledger_path)) if stack.ledger_path.exists() else 0
-
-
-def in_flight(stack: Stack) -> int:
-    status, body = http_get(f"{stack.url}/stats")
-    return json.loads(body)["requests"]["in_flight"] if status == 200 else 0
 
 
 def kill_vllm(stack: Stack) -> None:
@@ -155,7 +140,9 @@ def test_a_vllm_crash_under_steady_load_leaves_clean_errors_a_matching_ledger_an
         long_stream = LongStream(stack.url)
         long_stream.start()
         assert long_stream.first_token.wait(120) and long_stream.failure is None, long_stream.failure
-        wait_for(lambda: in_flight(stack) >= IN_FLIGHT_AT_KILL, 20)  # best effort: cut a load stream too
+        # At once: 3,800 tokens take under 7 s on an idle box (load streams in flight are cut too
+        # when there are any; /stats is too slow to wait for them here).
+        assert long_stream.is_alive(), f"the long stream ended before the crash: {long_stream.data[-3:]}"
         kill_vllm(stack)
         killed_at = time.monotonic() - started
 

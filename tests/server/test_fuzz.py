@@ -4,8 +4,9 @@ Every operation in /openapi.json gets schema-valid and schema-violating requests
 bytes and arbitrary JSON for the two POST endpoints); whatever the input, the gateway must never
 answer 5xx, and every error must be the OpenAI JSON shape. Valid bodies reach the real vLLM, so
 the test caps their cost (few new tokens, few choices): about 1,000 requests in ~30 s on a 2-core
-box, and the module fails past FUZZ_BUDGET_S. Hypothesis draws new examples on every run (no
-example database); a failure prints the seed that reproduces it.
+box; past FUZZ_BUDGET_S of fuzzing the remaining examples are skipped (a slow box fuzzes less,
+it does not fail). Hypothesis draws new examples on every run (no example database); a failure
+prints the seed that reproduces it.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def test_no_input_gets_a_5xx_or_a_non_json_error(
         suppress_health_check=list(HealthCheck),
     )
     def answers_sanely(case: schemathesis.Case) -> None:
+        if over_budget(fuzz_clock, started):
+            return
         if mode is POSITIVE:
             name_served_model(case, served_model)
         keep_cheap(case)
@@ -103,7 +106,6 @@ def test_no_input_gets_a_5xx_or_a_non_json_error(
         answers_sanely()
     finally:
         fuzz_clock["spent_s"] += time.monotonic() - started
-    assert_within_budget(fuzz_clock)
 
 
 JSON_VALUES = st.recursive(
@@ -121,6 +123,8 @@ def test_no_raw_body_gets_a_5xx_or_a_non_json_error(stack: Stack, fuzz_clock: di
     @given(body=bodies)
     @settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     def answers_sanely(body: bytes) -> None:
+        if over_budget(fuzz_clock, started):
+            return
         connection = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=60)
         try:
             connection.request("POST", path, body, {"Content-Type": "application/json"})
@@ -140,12 +144,11 @@ def test_no_raw_body_gets_a_5xx_or_a_non_json_error(stack: Stack, fuzz_clock: di
         answers_sanely()
     finally:
         fuzz_clock["spent_s"] += time.monotonic() - started
-    assert_within_budget(fuzz_clock)
 
 
-def assert_within_budget(fuzz_clock: dict[str, float]) -> None:
-    spent_s, cases = fuzz_clock["spent_s"], fuzz_clock["cases"]
-    assert spent_s < FUZZ_BUDGET_S, f"fuzzing took {spent_s:.0f} s ({cases} requests), over its {FUZZ_BUDGET_S} s"
+def over_budget(fuzz_clock: dict[str, float], started_s: float) -> bool:
+    """True once the module's fuzzing has used FUZZ_BUDGET_S (this test's time included)."""
+    return fuzz_clock["spent_s"] + time.monotonic() - started_s > FUZZ_BUDGET_S
 
 
 def name_served_model(case: schemathesis.Case, model: str) -> None:
