@@ -12,6 +12,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,3 +148,14 @@ def start_stack(args: list[str], log_path: Path, env: dict[str, str] | None = No
 def _listening(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextmanager
+def running_stack(args: list[str], log_path: Path, env: dict[str, str] | None = None, ready_timeout_s: float = 60.0) -> Iterator[Stack]:
+    """`start_stack`, wait until ready, and stop it afterwards (for gateway-only stacks: seconds)."""
+    stack = start_stack(args, log_path, env)
+    try:
+        stack.wait_ready(ready_timeout_s)
+        yield stack
+    finally:
+        stack.stop()

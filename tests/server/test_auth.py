@@ -17,7 +17,7 @@ from server.auth import AccessMiddleware, KeyFileError, RateLimiter, TokenLimite
 from server.ledger import read_requests
 from server.settings import Settings
 from server.telemetry import RequestRecord
-from tests.support import Stack, http_get, start_stack
+from tests.support import Stack, http_get, running_stack
 
 SHOP_KEY = "sk-shop-0123456789abcdef"
 OPS_KEY = "sk-ops-fedcba9876543210"
@@ -131,17 +131,13 @@ def keyed_gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Ite
     and shows /metrics and /stats only with a key."""
     folder = tmp_path_factory.mktemp("keyed")
     (folder / "keys.txt").write_text(f"# shop's keys\nshop={SHOP_KEY}\n")
-    gateway = start_stack(
+    with running_stack(
         ["--upstream", stack.vllm_url, "--api-keys-file", str(folder / "keys.txt"), "--rate-limit-rpm", "3",
          "--observability", "key", "--access-log"],
         folder / "gateway.log",
         env={"STUDENT_API_KEYS": f"ops={OPS_KEY}"},
-    )
-    try:
-        gateway.wait_ready(60)
+    ) as gateway:
         yield gateway
-    finally:
-        gateway.stop()
 
 
 def chat(url: str, key: str | None) -> tuple[int, Message, dict]:
@@ -182,16 +178,12 @@ TOKENS_PER_MINUTE = 60
 def tpm_gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A gateway in front of the session's vLLM that allows each key 60 tokens a minute."""
     folder = tmp_path_factory.mktemp("tpm")
-    gateway = start_stack(
+    with running_stack(
         ["--upstream", stack.vllm_url, "--rate-limit-tpm", str(TOKENS_PER_MINUTE)],
         folder / "gateway.log",
         env={"STUDENT_API_KEYS": f"shop={SHOP_KEY},ops={OPS_KEY}"},
-    )
-    try:
-        gateway.wait_ready(60)
+    ) as gateway:
         yield gateway
-    finally:
-        gateway.stop()
 
 
 def test_each_key_is_refused_once_its_answers_reached_the_token_limit(tpm_gateway: Stack) -> None:
