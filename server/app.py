@@ -21,6 +21,7 @@ from server.admission import AdmissionMiddleware
 from server.auth import AccessMiddleware, TokenLimiter, load_keys
 from server.balancer import Balancer, health_probe
 from server.catalog import ModelCatalog
+from server.client_socket import GatewayApp
 from server.energy import EnergyMeter
 from server.errors import install_error_handlers
 from server.ledger import Ledger
@@ -75,7 +76,7 @@ def create_app(
                 await health_checks
             await session.close()
 
-    app = FastAPI(title="student-serve gateway", lifespan=lifespan)
+    app = GatewayApp(title="student-serve gateway", lifespan=lifespan)
     app.state.settings = settings
     app.state.model_catalog = ModelCatalog()
     install_error_handlers(app)

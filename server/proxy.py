@@ -22,6 +22,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.balancer import Balancer, NoHealthyReplica, Replica
+from server.client_socket import ChunkWriter
 from server.errors import error_body, error_response, normalize_upstream_error
 from server.settings import Settings
 from server.recorder import RequestRecorder
@@ -366,8 +367,10 @@ class RelayResponse(StreamingResponse):
     def __init__(self, *args: Any, on_close: Callable[[], None], **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._on_close = on_close
+        self._scope: Scope = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._scope = scope
         relay = asyncio.ensure_future(self.stream_response(send))
         watch = asyncio.ensure_future(_wait_disconnect(receive))
         try:
@@ -381,6 +384,23 @@ class RelayResponse(StreamingResponse):
             self._on_close()
         if relay.done() and not relay.cancelled() and relay.exception() is not None:
             raise relay.exception()  # type: ignore[misc]
+
+    async def stream_response(self, send: Send) -> None:
+        """Headers and the closing chunk through ASGI; the chunks between straight to the socket
+        when the server allows it (`ChunkWriter`), else through ASGI too."""
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        writer = ChunkWriter.for_scope(self._scope)
+        if writer is None:
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        else:
+            write = writer.write
+            async for chunk in self.body_iterator:
+                if not write(chunk):
+                    return
+                if writer.paused:
+                    await writer.drain()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 _VLLM_GAUGES = {

@@ -199,7 +199,7 @@ def test_disconnect_before_first_token_aborts_the_queued_request(idle_stack: Sta
         read_until_events(sock, 1)
     prefilled_tokens = vllm_gauge(idle_stack.vllm_url, "vllm:prompt_tokens_total")
     queued = open_raw_request(idle_stack.port, "/v1/chat/completions", {**CHAT, **LONG, "stream": True})
-    assert wait_for(lambda: vllm_load(idle_stack) == (2, 1), 10), vllm_load(idle_stack)
+    assert wait_for(lambda: vllm_load(idle_stack) == (2, 1), 60), vllm_load(idle_stack)
     queued.close()
     assert wait_for(lambda: vllm_gauge(idle_stack.vllm_url, "vllm:num_requests_waiting") == 0, 3)
     for sock in busy:
