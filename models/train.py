@@ -16,6 +16,10 @@ Determinism: the data order comes from a seeded `torch.Generator`, the weights' 
 `torch.manual_seed`, and `torch.use_deterministic_algorithms(True)` is on during training. Matmul
 reductions on the CPU still depend on the number of intra-op threads, so callers that need
 bit-identical weights across runs must also fix `torch.set_num_threads` (the demo builder does).
+
+Devices: batches go to the device of the model's parameters, so a model moved to a GPU trains
+there. On a GPU the deterministic mode only warns where an operation has no deterministic kernel
+(bit-identical GPU runs are not promised; set `CUBLAS_WORKSPACE_CONFIG=:4096:8` for cuBLAS).
 """
 
 from __future__ import annotations
@@ -138,11 +142,15 @@ def parse_chat_sample(row: object, where: str) -> ChatSample:
 
 
 def load_chat_jsonl(path: Path) -> list[ChatSample]:
-    """Read a chat JSONL file (one `{"messages": [...], ...}` object per non-blank line)."""
+    """Read a chat JSONL file (one `{"messages": [...], ...}` object per non-blank line).
+
+    Lines end at "\\n" only: `str.splitlines` would also split inside strings holding U+2028,
+    U+0085 and the like, which JSON written with `ensure_ascii=False` leaves unescaped.
+    """
     if not path.is_file():
         raise DatasetError(f"dataset file {path} does not exist")
     samples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -264,15 +272,27 @@ def lr_factor(step: int, steps: int, warmup_steps: int, min_lr_ratio: float) -> 
 
 
 @contextmanager
-def deterministic_algorithms() -> Iterator[None]:
-    """Turn on `torch.use_deterministic_algorithms` for the block, restoring the previous mode."""
+def deterministic_algorithms(warn_only: bool = False) -> Iterator[None]:
+    """Turn on `torch.use_deterministic_algorithms` for the block, restoring the previous mode.
+
+    `warn_only` makes an operation without a deterministic implementation warn instead of raise.
+    """
     previous = torch.are_deterministic_algorithms_enabled()
     previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters live (the first parameter's device)."""
+    return next(model.parameters()).device
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -300,10 +320,12 @@ def train_causal_lm(
     config: TrainConfig,
     progress: Progress = stderr_progress("train"),
     phase: str = "training",
+    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place with AdamW on `samples` and return its losses.
 
     Progress lines look like "`phase` step 120/400 loss 2.31" every `config.log_every` steps.
+    `on_step(step, loss)`, when given, receives every step's loss (1-based step).
     """
     started_s = time.monotonic()
     encoded = encode_samples(tokenizer, samples, config.max_length, config.loss_on)
@@ -312,16 +334,17 @@ def train_causal_lm(
     if not parameters:
         raise TrainingError("the model has no trainable parameters")
     pad_token_id = _pad_token_id(tokenizer)
+    device = model_device(model)
     torch.manual_seed(config.seed)
     optimizer, schedule = _optimiser(parameters, config, steps)
     losses: list[float] = []
     tokens = 0
     progress(f"{phase}: {len(encoded)} samples, {steps} steps of batch {config.batch_size}")
     model.train()
-    with deterministic_algorithms():
+    with deterministic_algorithms(warn_only=device.type != "cpu"):
         order = batch_order(len(encoded), config.batch_size, steps, config.seed)
         for step, indices in enumerate(order, start=1):
-            batch = collate([encoded[index] for index in indices], pad_token_id)
+            batch = _to_device(collate([encoded[index] for index in indices], pad_token_id), device)
             loss = model(**batch).loss
             if not torch.isfinite(loss):
                 raise TrainingError(
@@ -333,6 +356,8 @@ def train_causal_lm(
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            if on_step is not None:
+                on_step(step, losses[-1])
             tokens += int(batch["attention_mask"].sum())
             if step % config.log_every == 0 or step == steps:
                 window = losses[-config.log_every :]
@@ -348,3 +373,40 @@ def train_causal_lm(
         tokens_per_step=tokens / steps,
         elapsed_s=time.monotonic() - started_s,
     )
+
+
+def evaluate_loss(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    samples: Sequence[ChatSample],
+    max_length: int,
+    batch_size: int,
+) -> float:
+    """Mean cross-entropy (nats) per assistant token of `samples`, in the data's order.
+
+    The same encoding and masking as training (assistant turns with their end marker, cut to
+    `max_length`), but every labelled token weighs the same whatever its batch; computed in
+    float32 without gradients. The model's train/eval mode is restored afterwards.
+    """
+    encoded = encode_samples(tokenizer, samples, max_length, "assistant")
+    pad_token_id = _pad_token_id(tokenizer)
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    total_nats, total_tokens = 0.0, 0
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(encoded), batch_size):
+                batch = _to_device(collate(encoded[start : start + batch_size], pad_token_id), device)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                targets = batch["labels"][:, 1:]
+                for row in range(len(targets)):  # one row at a time: float32 logits of a big vocabulary
+                    total_nats += float(
+                        torch.nn.functional.cross_entropy(
+                            logits[row, :-1].float(), targets[row], ignore_index=IGNORE_INDEX, reduction="sum"
+                        )
+                    )
+                total_tokens += int(targets.ne(IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    return total_nats / total_tokens
