@@ -1,0 +1,1333 @@
+"""`student distill`: training data from a teacher model, resumable, in chat "messages" JSONL.
+
+Three modes, after the article (`shared/seed/distillation-article-vi.txt`):
+
+- `response`: for each topic (Vietnamese e-commerce support topics; `models/data/distill_topics.txt`
+  by default) the teacher writes `--questions-per-topic` customer questions (up to 10 per request,
+  one per line; asked again until the count is reached, a topic fails after 3 requests in a row
+  bring no new question), then answers each. A sample is `[system, user: question, assistant:
+  answer]`; any reasoning the teacher shows is dropped (answers only).
+- `cot`: the same, with questions that need several steps of reasoning, and the teacher's reasoning
+  kept apart from its final answer: taken from `message.reasoning_content` / `message.reasoning`
+  when the server separates it (vLLM with a reasoning parser, DeepSeek), else split out of
+  `<think>…</think>` in the content. The request's system turn asks for `<think>` reasoning; the
+  sample keeps the plain `--system-prompt`, as the student will see it. The assistant turn is
+  `<think>\\nREASONING\\n</think>\\n\\nANSWER` and the row also carries `reasoning` (the text
+  alone). A reply without reasoning is **kept, flagged** `"missing_reasoning": true` (assistant
+  turn = the answer alone, `reasoning` null) and counted in the manifest, so that `student dataset
+  check` reports it and the plan's count still holds; a rerun would only get the same reply back
+  (requests are seeded). Drop such rows at training time if the reasoning matters more than the
+  count.
+- `multitask`: from the shop's documents (`--documents DIR`, `.txt`/`.md`, default
+  `models/data/shop_docs/`), cut into chunks of at most `--chunk-chars`; per chunk one sample per
+  task: `summary`, `qa` (five Q/A pairs), `classify` (one of technical, policy, guide, promotion,
+  other; the label found in the reply goes into `label`, null if none) and `extract` (JSON).
+
+Output folder (`--out`):
+
+- `samples.jsonl`: one object per line, `{"messages": [...], "task", "topic", "id", ...}`, which
+  `models.train.load_chat_jsonl` reads as is (extra keys are ignored there), in the order the
+  replies came back (concurrency), not plan order; `finish_reason` says whether a reply was cut.
+- `questions.jsonl` (response/cot): the generated questions, so a resumed run answers the same ones.
+- `plan.json`: what defines the run (mode, teacher URL and model, generation settings, inputs, the
+  planned sample ids). Resuming into a folder whose plan differs is refused; `--force` starts over.
+- `manifest.json`: teacher (URL and model, never the key), mode, planned/done/failed/missing,
+  counts per task, `truncated` (replies cut at `--max-tokens`), `missing_reasoning` (cot),
+  `unlabelled` (classify), tokens from the server's `usage`, retries by reason, cost in USD at the
+  given prices (each run at its own), one entry per run with its times and status, and this run's
+  failures with their errors.
+
+Resuming: the plan is deterministic (ids like `response/theo-doi-don-hang/0007` come from the mode,
+topic and index; request seeds from `--seed` and the id), every sample is appended as one complete
+line followed by fsync, and a run reads what is already there (a torn last line left by a SIGKILL is
+cut off) and only asks for what is missing. A killed-and-restarted run thus ends with exactly the
+planned samples. A sample that fails (retries exhausted, empty reply) is listed in the manifest and
+the run exits 1; the next run with the same command asks for it again. A refused key, an unknown
+model or URL (401/403/404) stops the run at once.
+
+Tokens of replies that a kill interrupted are lost (the server's `usage` never arrived); everything
+else is in the manifest, which is rewritten after every sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import sys
+import unicodedata
+import zlib
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from models.teacher import (
+    ChatReply,
+    Price,
+    RetryPolicy,
+    TeacherClient,
+    TeacherConfig,
+    TeacherError,
+    TeacherRejected,
+    TeacherReplyError,
+    TeacherUnavailable,
+)
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_TOPICS_FILE = DATA_DIR / "distill_topics.txt"
+DEFAULT_DOCUMENTS_DIR = DATA_DIR / "shop_docs"
+DEFAULT_KEY_ENV = "STUDENT_TEACHER_API_KEY"
+
+MODES = ("response", "cot", "multitask")
+TASKS = ("summary", "qa", "classify", "extract")
+LABELS = ("technical", "policy", "guide", "promotion", "other")
+LABEL_WORDS = {
+    "technical": "technical", "kỹ thuật": "technical",
+    "policy": "policy", "chính sách": "policy",
+    "guide": "guide", "hướng dẫn": "guide",
+    "promotion": "promotion", "khuyến mãi": "promotion",
+    "other": "other", "khác": "other",
+}  # fmt: skip
+# The article's max_tokens per kind of request: answers 2000, chain of thought 4000, multitask 1500.
+DEFAULT_MAX_TOKENS = {"response": 2000, "cot": 4000, "multitask": 1500}
+DEFAULT_TEMPERATURE = 0.7
+QUESTIONS_PER_REQUEST = 10  # questions asked for in one request; more come in later rounds
+FRUITLESS_QUESTION_ROUNDS = 3  # a topic gives up after this many requests in a row with no new question
+AVOID_QUESTIONS_SHOWN = 20  # known questions quoted back to the teacher as "do not repeat"
+
+SAMPLES_FILE = "samples.jsonl"
+QUESTIONS_FILE = "questions.jsonl"
+PLAN_FILE = "plan.json"
+MANIFEST_FILE = "manifest.json"
+LOCK_FILE = ".distill.lock"
+PLAN_FORMAT = "student-distill-plan/1"
+MANIFEST_FORMAT = "student-distill-manifest/1"
+
+SYSTEM_PROMPT = "Bạn là trợ lý chăm sóc khách hàng của cửa hàng."
+QUESTION_WRITER_PROMPT = "Bạn là chuyên gia hỗ trợ khách hàng thương mại điện tử."
+COT_INSTRUCTION = (
+    " Trước khi trả lời, hãy suy nghĩ từng bước trong thẻ <think>…</think>, "
+    "sau đó viết câu trả lời cuối cùng cho khách hàng."
+)
+TASK_SYSTEM_PROMPTS = {
+    "summary": "Bạn là chuyên gia tóm tắt văn bản. Tóm tắt ngắn gọn, nắm bắt ý chính.",
+    "qa": "Bạn là chuyên gia trả lời câu hỏi. Hãy trả lời chính xác và đầy đủ.",
+    "classify": "Bạn là chuyên gia phân loại. Phân loại chính xác theo các nhãn cho sẵn.",
+    "extract": "Bạn là chuyên gia trích xuất thông tin. Trích xuất chính xác thông tin cần thiết.",
+}
+
+
+class DistillError(Exception):
+    """A run that cannot start or continue as asked; the message says what to fix."""
+
+
+class PlanMismatchError(DistillError):
+    """The output folder holds a run with another plan, teacher or mode."""
+
+
+class SampleError(Exception):
+    """One sample cannot be made in this run (e.g. its question is missing); it stays to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and the plan
+
+
+@dataclass(frozen=True)
+class Document:
+    """A shop document: `name` is its path relative to the documents folder."""
+
+    name: str
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Request settings that shape the replies, hence part of the plan."""
+
+    max_tokens: int
+    temperature: float
+    seed: int
+    system_prompt: str = SYSTEM_PROMPT
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "seed": self.seed,
+            "system_prompt": self.system_prompt,
+            "extra_body": dict(self.extra_body),
+        }
+
+
+@dataclass(frozen=True)
+class Topic:
+    key: str  # slug, unique within the plan
+    text: str
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    """One line of samples.jsonl to be: its id, task and where its prompt comes from."""
+
+    id: str
+    task: str
+    topic: str
+    topic_key: str | None = None  # response/cot: the topic whose question `index` is used
+    index: int | None = None
+    document: str | None = None  # multitask: document name and chunk
+    chunk_index: int | None = None
+    chunk: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    samples: tuple[PlannedSample, ...]
+    topics: tuple[Topic, ...] = ()
+    questions_per_topic: int = 0
+    inputs: Mapping[str, Any] = field(default_factory=dict)
+
+    def by_task(self) -> dict[str, int]:
+        return dict(Counter(sample.task for sample in self.samples))
+
+
+def slugify(text: str, max_chars: int = 48) -> str:
+    """ASCII slug: Vietnamese diacritics removed (đ → d), lowercase, words joined by '-'."""
+    text = text.replace("đ", "d").replace("Đ", "D")
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return slug[:max_chars].rstrip("-") or "x"
+
+
+def load_topics(path: Path) -> list[str]:
+    """Topics from a text file: one per line, blank lines and `#` comments skipped, duplicates once."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DistillError(f"topics file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DistillError(f"cannot read topics file {path}: {error}") from None
+    topics, seen = [], set()
+    for line in text.split("\n"):
+        topic = " ".join(line.split())
+        if topic and not topic.startswith("#") and topic.casefold() not in seen:
+            seen.add(topic.casefold())
+            topics.append(topic)
+    if not topics:
+        raise DistillError(f"topics file {path} has no topics (one per line; # starts a comment)")
+    return topics
+
+
+def load_documents(folder: Path) -> list[Document]:
+    """The non-empty `.txt` and `.md` files under `folder`, sorted by relative path."""
+    if not folder.is_dir():
+        raise DistillError(f"documents folder {folder} does not exist or is not a folder")
+    documents = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in (".txt", ".md"):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise DistillError(f"cannot read document {path}: {error}") from None
+        if text:
+            documents.append(Document(path.relative_to(folder).as_posix(), text))
+    if not documents:
+        raise DistillError(f"documents folder {folder} has no non-empty .txt or .md file")
+    return documents
+
+
+def chunk_text(text: str, max_chars: int) -> list[str]:
+    """Paragraphs packed greedily into chunks of at most `max_chars` characters.
+
+    A paragraph longer than that is cut at whitespace (or anywhere, for a single huge word).
+    """
+    if max_chars < 1:
+        raise ValueError("max_chars must be >= 1")
+    pieces = []
+    for paragraph in re.split(r"\n\s*\n", text.strip()):
+        paragraph = paragraph.strip()
+        while len(paragraph) > max_chars:
+            cut = paragraph.rfind(" ", 0, max_chars + 1)
+            cut = cut if cut > 0 else max_chars
+            pieces.append(paragraph[:cut].strip())
+            paragraph = paragraph[cut:].strip()
+        if paragraph:
+            pieces.append(paragraph)
+    chunks: list[str] = []
+    for piece in pieces:
+        if chunks and len(chunks[-1]) + 2 + len(piece) <= max_chars:
+            chunks[-1] += "\n\n" + piece
+        else:
+            chunks.append(piece)
+    return chunks
+
+
+def unique_keys(texts: Sequence[str]) -> list[str]:
+    """Slugs of `texts`, made unique by suffixes -2, -3, ... in order of appearance."""
+    keys, used = [], Counter[str]()
+    for text in texts:
+        base = slugify(text)
+        used[base] += 1
+        key = base if used[base] == 1 else f"{base}-{used[base]}"
+        while key in keys:
+            used[base] += 1
+            key = f"{base}-{used[base]}"
+        keys.append(key)
+    return keys
+
+
+def plan_questions(mode: str, topics: Sequence[str], questions_per_topic: int) -> Plan:
+    """The plan of `response`/`cot`: `questions_per_topic` samples per topic, in topic order."""
+    if questions_per_topic < 1:
+        raise DistillError("--questions-per-topic must be at least 1")
+    planned_topics = tuple(Topic(key, text) for key, text in zip(unique_keys(topics), topics, strict=True))
+    samples = tuple(
+        PlannedSample(f"{mode}/{topic.key}/{index:04d}", mode, topic.text, topic_key=topic.key, index=index)
+        for topic in planned_topics
+        for index in range(questions_per_topic)
+    )
+    inputs = {"topics": [topic.text for topic in planned_topics], "questions_per_topic": questions_per_topic}
+    return Plan(mode, samples, planned_topics, questions_per_topic, inputs)
+
+
+def plan_multitask(documents: Sequence[Document], tasks: Sequence[str], chunk_chars: int) -> Plan:
+    """The plan of `multitask`: every chunk of every document times every task."""
+    if not tasks:
+        raise DistillError("--tasks names no task")
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        raise DistillError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if chunk_chars < 200:
+        raise DistillError("--chunk-chars must be at least 200")
+    keys = unique_keys([document.name.rsplit(".", 1)[0] for document in documents])
+    samples = []
+    for key, document in zip(keys, documents, strict=True):
+        topic = document.name.rsplit(".", 1)[0]
+        for chunk_index, chunk in enumerate(chunk_text(document.text, chunk_chars)):
+            for task in tasks:
+                samples.append(
+                    PlannedSample(
+                        f"multitask/{key}/{chunk_index:03d}/{task}",
+                        task,
+                        topic,
+                        document=document.name,
+                        chunk_index=chunk_index,
+                        chunk=chunk,
+                    )
+                )
+    inputs = {
+        "documents": [{"name": document.name, "sha256": document.sha256} for document in documents],
+        "tasks": list(tasks),
+        "chunk_chars": chunk_chars,
+    }
+    return Plan("multitask", tuple(samples), inputs=inputs)
+
+
+def plan_record(plan: Plan, teacher: TeacherConfig, generation: Generation) -> dict[str, Any]:
+    """What plan.json holds; every key but `samples` must match for a run to resume."""
+    return {
+        "format": PLAN_FORMAT,
+        "mode": plan.mode,
+        "teacher": {"url": teacher.base_url, "model": teacher.model},
+        "generation": generation.as_dict(),
+        "inputs": dict(plan.inputs),
+        "samples": [sample.id for sample in plan.samples],
+    }
+
+
+def plan_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Dotted names of the plan fields that differ, e.g. ["mode", "teacher.model"]."""
+
+    def walk(a: Any, b: Any, prefix: str) -> Iterator[str]:
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for key in sorted(set(a) | set(b)):
+                yield from walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b:
+            yield prefix
+
+    return list(walk(old, new, ""))
+
+
+def request_seed(seed: int, key: str) -> int:
+    """A per-request seed (0 ≤ s < 2**31) derived from the run's `seed` and a stable key."""
+    return zlib.crc32(f"{seed}|{key}".encode()) & 0x7FFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and replies
+
+
+def question_messages(mode: str, topic: str, count: int, known: Sequence[str]) -> list[dict[str, str]]:
+    """The request for `count` new questions on `topic` (cot: situations that need reasoning)."""
+    if mode == "cot":
+        ask = (
+            f"Viết {count} tình huống khó mà nhân viên chăm sóc khách hàng của một cửa hàng trực tuyến "
+            f"gặp về chủ đề: {topic}. Mỗi tình huống cần suy luận nhiều bước mới giải quyết được "
+            "(ví dụ: khách mua giày size 42 nhưng hết hàng, size 43 còn hàng và đắt hơn 50.000đ)."
+        )
+    else:
+        ask = f"Viết {count} câu hỏi khác nhau mà khách hàng của một cửa hàng trực tuyến thường hỏi về chủ đề: {topic}."
+    ask += " Mỗi câu một dòng, viết như khách hàng nhắn tin, không đánh số, không giải thích."
+    if known:
+        shown = "\n".join(f"- {question}" for question in known[-AVOID_QUESTIONS_SHOWN:])
+        ask += f"\nKhông lặp lại các câu đã có:\n{shown}"
+    return [{"role": "system", "content": QUESTION_WRITER_PROMPT}, {"role": "user", "content": ask}]
+
+
+def task_messages(task: str, chunk: str) -> list[dict[str, str]]:
+    """The multitask request for one chunk; it is also the sample's system and user turns."""
+    if task == "summary":
+        ask = f"Tóm tắt nội dung sau:\n\n{chunk}"
+    elif task == "qa":
+        ask = (
+            f"Dựa trên nội dung sau, tạo 5 câu hỏi và câu trả lời.\n\nNội dung:\n{chunk}\n\n"
+            "Định dạng:\nQ1: [Câu hỏi]\nA1: [Câu trả lời]\n..."
+        )
+    elif task == "classify":
+        ask = (
+            "Phân loại nội dung sau vào đúng một nhãn: technical (kỹ thuật), policy (chính sách), "
+            "guide (hướng dẫn), promotion (khuyến mãi), other (khác). Chỉ trả lời bằng một nhãn "
+            f"tiếng Anh.\n\nNội dung:\n{chunk}\n\nNhãn:"
+        )
+    elif task == "extract":
+        ask = (
+            "Trích xuất các thông tin quan trọng trong nội dung sau dưới dạng JSON với các khóa "
+            '"chu_de", "thoi_han", "dieu_kien", "chi_phi", "ngoai_le", "lien_he" '
+            f"(null nếu không có).\n\nNội dung:\n{chunk}"
+        )
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    return [{"role": "system", "content": TASK_SYSTEM_PROMPTS[task]}, {"role": "user", "content": ask}]
+
+
+_BULLET = re.compile(
+    r"^\s*(?:[-*•·+]+|\(?\d{1,3}\s*[.):\]]|[Qq]\d{1,3}\s*[:.)]"  # bullets, "1.", "(2)", "Q3:"
+    r"|Câu(?:\s+hỏi)?\s*\d{1,3}\s*[:.)]|Tình huống\s*\d{1,3}\s*[:.)])\s*"  # "Câu hỏi 4:", "Tình huống 5."
+)
+_ANSWER_LINE = re.compile(r"^\s*(?:[Aa]\d{1,3}\s*[:.)]|Trả lời\s*:)")
+
+
+def parse_questions(text: str) -> list[str]:
+    """One question per non-empty line, with numbering, bullets and quotes removed."""
+    questions = []
+    for line in text.split("\n"):
+        if _ANSWER_LINE.match(line):
+            continue
+        question = _BULLET.sub("", line, count=1).strip().strip("\"'“”").strip()
+        if len(question) >= 3 and any(character.isalnum() for character in question):
+            questions.append(question)
+    return questions
+
+
+def question_key(question: str) -> str:
+    """How questions are compared for duplicates: case-folded, whitespace collapsed."""
+    return " ".join(question.casefold().split())
+
+
+@dataclass(frozen=True)
+class SplitReply:
+    """A reply cut into reasoning and final answer; `unterminated`: `<think>` never closed."""
+
+    reasoning: str | None
+    answer: str
+    unterminated: bool = False
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def split_reasoning(content: str, reasoning: str | None = None) -> SplitReply:
+    """Separate the chain of thought from the answer.
+
+    `reasoning` (the server's `reasoning_content`) wins when non-empty; otherwise the content's
+    `<think>…</think>` is the reasoning and what follows it the answer. A content that has a
+    closing tag but no opening one (R1's template opens the block in the prompt) counts everything
+    before the tag as reasoning. Whitespace around both parts is stripped; an empty part is None/"".
+    """
+    if reasoning is not None and reasoning.strip():
+        answer = content
+        if THINK_CLOSE in answer:
+            answer = answer.split(THINK_CLOSE, 1)[1]
+        return SplitReply(reasoning.strip(), answer.strip())
+    if THINK_CLOSE in content:
+        before, answer = content.split(THINK_CLOSE, 1)
+        if THINK_OPEN in before:
+            before = before.split(THINK_OPEN, 1)[1]
+        return SplitReply(before.strip() or None, answer.strip())
+    if THINK_OPEN in content:
+        before, thought = content.split(THINK_OPEN, 1)
+        return SplitReply(thought.strip() or None, before.strip(), unterminated=True)
+    return SplitReply(None, content.strip())
+
+
+def extract_label(text: str) -> str | None:
+    """The first class label (English or Vietnamese word) found in a classify reply, or None."""
+    lowered = text.casefold()
+    found = [(lowered.find(word), label) for word, label in LABEL_WORDS.items() if word in lowered]
+    return min(found)[1] if found else None
+
+
+def cot_assistant_content(reasoning: str, answer: str) -> str:
+    """The assistant turn of a cot sample: the reasoning in `<think>` tags, then the answer."""
+    return f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{answer}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class OutputFolder:
+    """The files of one run in `path`: JSONL appended line by line with fsync, JSON replaced atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fds: dict[str, int] = {}
+        self._lock_fd: int | None = None
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[OutputFolder]:
+        """Hold an exclusive lock on the folder (another run into it is refused), close files after."""
+        if self.path.exists() and not self.path.is_dir():
+            raise DistillError(f"--out {self.path} exists and is not a folder")
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.file(LOCK_FILE), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DistillError(f"another student distill run is writing to {self.path}") from None
+        self._lock_fd = fd
+        try:
+            yield self
+        finally:
+            for handle in self._fds.values():
+                os.close(handle)
+            self._fds.clear()
+            os.close(fd)
+            self._lock_fd = None
+
+    def clear(self) -> None:
+        """Remove this tool's files (for --force); anything else in the folder stays."""
+        for name in (SAMPLES_FILE, QUESTIONS_FILE, PLAN_FILE, MANIFEST_FILE):
+            self.file(name).unlink(missing_ok=True)
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        path = self.file(name)
+        if not path.exists():
+            return None
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise DistillError(f"cannot read {path}: {error}; fix it or start over with --force") from None
+        if not isinstance(value, dict):
+            raise DistillError(f"{path} is not a JSON object; start over with --force")
+        return value
+
+    def write_json(self, name: str, value: Mapping[str, Any]) -> None:
+        """Write atomically: a temporary file renamed over the old one."""
+        path = self.file(name)
+        temporary = path.with_name(f".{name}.tmp")
+        temporary.write_text(json.dumps(value, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+
+    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        """All complete rows; a torn last line (no newline, not a full JSON object) is cut off the file."""
+        path = self.file(name)
+        if not path.exists():
+            return []
+        data = path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        tail = data[end:]
+        rows = []
+        if tail.strip():
+            try:
+                row = json.loads(tail)
+            except ValueError:
+                row = None
+            if isinstance(row, dict):
+                with path.open("ab") as handle:  # a complete row whose newline was not written
+                    handle.write(b"\n")
+                end = len(data) + 1
+                data += b"\n"
+            else:
+                print(
+                    f"[distill] {name}: dropping a torn last line ({len(tail)} bytes) left by an interrupted run",
+                    file=sys.stderr,
+                )
+        if end < len(data) or tail and not tail.strip():
+            os.truncate(path, end)
+        for number, line in enumerate(data[:end].split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as error:
+                raise DistillError(
+                    f"{path} line {number} is not valid JSON ({error}); fix it or start over with --force"
+                ) from None
+            if not isinstance(row, dict):
+                raise DistillError(f"{path} line {number} is not a JSON object; fix it or start over with --force")
+            rows.append(row)
+        return rows
+
+    def append_jsonl(self, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Append rows as complete lines in one write, then fsync: a kill leaves at most a torn tail."""
+        if not rows:
+            return
+        if name not in self._fds:
+            self._fds[name] = os.open(self.file(name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+        fd = self._fds[name]
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Failure:
+    id: str
+    task: str
+    topic: str
+    error: str
+    attempts: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "task": self.task, "topic": self.topic, "error": self.error, "attempts": self.attempts}
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """What a run ended with; `complete` when every planned sample is in samples.jsonl."""
+
+    out_dir: Path
+    planned: int
+    done: int
+    failed: int
+    manifest: dict[str, Any]
+
+    @property
+    def complete(self) -> bool:
+        return self.done == self.planned
+
+    @property
+    def samples_path(self) -> Path:
+        return self.out_dir / SAMPLES_FILE
+
+
+def stderr_note(message: str) -> None:
+    print(f"[distill] {message}", file=sys.stderr, flush=True)
+
+
+class _Bar:
+    """A tqdm progress bar on stderr (or nothing), with retry/failure counts as its postfix."""
+
+    def __init__(self, enabled: bool, total: int, description: str, unit: str):
+        self._bar = None
+        if enabled and total:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+    def advance(self, retries: int, failed: int) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(retries=retries, failed=failed, refresh=False)
+            self._bar.update(1)
+
+    def write(self, message: str) -> bool:
+        if self._bar is None:
+            return False
+        self._bar.write(message, file=sys.stderr)
+        return True
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class _Run:
+    """One invocation: the plan, what the folder already holds, the teacher, and the manifest."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        generation: Generation,
+        teacher: TeacherClient,
+        folder: OutputFolder,
+        record: dict[str, Any],
+        price: Price,
+        concurrency: int,
+        show_progress: bool,
+    ):
+        self.plan = plan
+        self.generation = generation
+        self.teacher = teacher
+        self.folder = folder
+        self.record = record
+        self.price = price
+        self.concurrency = concurrency
+        self.show_progress = show_progress
+        self.started_at = _now_iso()
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.task_counts: Counter[str] = Counter()
+        self.missing_reasoning = 0
+        self.unlabelled = 0
+        self.truncated = 0
+        self.questions: dict[str, list[str]] = {topic.key: [] for topic in plan.topics}
+        self.failures: dict[str, Failure] = {}  # planned sample id -> why it failed in this run
+        self.question_failures: dict[str, Failure] = {}  # topic key -> why its questions fell short
+        self.fatal: TeacherError | None = None
+        self.error: str | None = None
+        self.previous: dict[str, Any] = {}
+        self.written = 0
+        self._bar: _Bar | None = None
+        self._retry_reasons_noted: set[str] = set()
+
+    # -- state on disk --
+
+    def load(self) -> None:
+        planned = {sample.id for sample in self.plan.samples}
+        for row in self.folder.read_jsonl(SAMPLES_FILE):
+            sample_id = row.get("id")
+            if sample_id not in planned:
+                raise DistillError(
+                    f"{self.folder.file(SAMPLES_FILE)} holds id {sample_id!r}, which is not in the plan; "
+                    "start over with --force"
+                )
+            if sample_id not in self.rows:
+                self.add_row(row)
+        by_topic: dict[str, dict[int, str]] = {key: {} for key in self.questions}
+        for row in self.folder.read_jsonl(QUESTIONS_FILE):
+            key, index, question = row.get("topic_key"), row.get("index"), row.get("question")
+            if (
+                key not in by_topic
+                or not isinstance(index, int)
+                or not isinstance(question, str)
+                or index in by_topic[key]
+            ):
+                raise DistillError(
+                    f"{self.folder.file(QUESTIONS_FILE)} has an unexpected row {row!r}; start over with --force"
+                )
+            by_topic[key][index] = question
+        for key, found in by_topic.items():
+            if sorted(found) != list(range(len(found))):
+                raise DistillError(
+                    f"{self.folder.file(QUESTIONS_FILE)}: questions of {key!r} are not numbered 0..n-1; "
+                    "start over with --force"
+                )
+            self.questions[key] = [found[index] for index in range(len(found))]
+        self.previous = self.folder.read_json(MANIFEST_FILE) or {}
+
+    def add_row(self, row: dict[str, Any]) -> None:
+        """Count a sample that is in samples.jsonl (read back or just written)."""
+        self.rows[row["id"]] = row
+        self.task_counts[str(row.get("task"))] += 1
+        self.missing_reasoning += bool(row.get("missing_reasoning"))
+        self.unlabelled += row.get("task") == "classify" and row.get("label") is None
+        self.truncated += row.get("finish_reason") == "length"
+
+    def manifest(self, status: str) -> dict[str, Any]:
+        """The manifest now: totals over every run so far, this run's entry last."""
+        usage = self.teacher.usage.as_dict()
+        this_run = {
+            "started_at": self.started_at,
+            "finished_at": None if status == "running" else _now_iso(),
+            "status": status,
+            "samples_written": self.written,
+            "failed": len(self.failures),
+            "error": self.error,
+            "usage": usage,
+            "price": {
+                "input_usd_per_mtok": self.price.input_usd_per_mtok,
+                "output_usd_per_mtok": self.price.output_usd_per_mtok,
+            },
+            "cost_usd": round(self.price.cost_usd(usage["prompt_tokens"], usage["completion_tokens"]), 6),
+        }
+        earlier = [dict(run) for run in self.previous.get("runs", []) if isinstance(run, dict)]
+        for run in earlier:
+            if run.get("status") == "running":
+                run["status"] = "interrupted"  # we hold the folder's lock, so that process is gone
+        runs = [*earlier, this_run]
+        totals: Counter[str] = Counter()
+        retries_by_reason: Counter[str] = Counter()
+        cost_usd = 0.0
+        for run in runs:
+            run_usage = run.get("usage", {})
+            for name in (
+                "requests",
+                "replies",
+                "retries",
+                "replies_without_usage",
+                "prompt_tokens",
+                "completion_tokens",
+            ):
+                totals[name] += int(run_usage.get(name, 0))
+            retries_by_reason.update(run_usage.get("retries_by_reason", {}))
+            cost_usd += float(run.get("cost_usd", 0.0))
+        done = len(self.rows)
+        manifest: dict[str, Any] = {
+            "format": MANIFEST_FORMAT,
+            "status": status,
+            "mode": self.plan.mode,
+            "teacher": dict(self.record["teacher"]),
+            "samples_file": SAMPLES_FILE,
+            "plan_file": PLAN_FILE,
+            "planned": len(self.plan.samples),
+            "done": done,
+            "failed": len(self.failures),
+            "missing": len(self.plan.samples) - done,
+            "planned_by_task": self.plan.by_task(),
+            "counts_by_task": {task: self.task_counts.get(task, 0) for task in self.plan.by_task()},
+            "truncated": self.truncated,
+        }
+        if self.plan.mode == "cot":
+            manifest["missing_reasoning"] = self.missing_reasoning
+        if "classify" in self.plan.by_task():
+            manifest["unlabelled"] = self.unlabelled
+        if self.plan.topics:
+            manifest["questions"] = {
+                "planned": len(self.plan.topics) * self.plan.questions_per_topic,
+                "done": sum(min(len(found), self.plan.questions_per_topic) for found in self.questions.values()),
+            }
+        manifest.update(
+            {
+                "usage": {**dict(totals), "retries_by_reason": dict(sorted(retries_by_reason.items()))},
+                "price": this_run["price"],
+                "cost_usd": round(cost_usd, 6),
+                "started_at": runs[0].get("started_at"),
+                "finished_at": this_run["finished_at"],
+                "runs": runs,
+                "failures": [
+                    failure.as_dict() for failure in [*self.question_failures.values(), *self.failures.values()]
+                ],
+                "error": self.error,
+            }
+        )
+        return manifest
+
+    def save_manifest(self, status: str = "running") -> dict[str, Any]:
+        manifest = self.manifest(status)
+        self.folder.write_json(MANIFEST_FILE, manifest)
+        return manifest
+
+    # -- the work --
+
+    def on_retry(self, reason: str, delay_s: float, retry: int) -> None:
+        """Say once per reason that the teacher is pushing back; the bar counts the rest."""
+        if reason in self._retry_reasons_noted:
+            return
+        self._retry_reasons_noted.add(reason)
+        message = f"[distill] teacher: {reason}; retrying in {delay_s:.1f} s (retries are counted in the manifest)"
+        if self._bar is None or not self._bar.write(message):
+            print(message, file=sys.stderr, flush=True)
+
+    def fail(self, sample_id: str, task: str, topic: str, error: str, attempts: int = 0) -> None:
+        failure = Failure(sample_id, task, topic, error, attempts)
+        if task == "questions":
+            self.question_failures[sample_id] = failure
+        else:
+            self.failures[sample_id] = failure
+
+    async def _pool(self, jobs: Sequence[Callable[[], Awaitable[None]]]) -> None:
+        """Run `jobs` on `concurrency` workers; stop taking new ones after a fatal teacher error."""
+        pending = iter(jobs)
+
+        async def worker() -> None:
+            for job in pending:
+                if self.fatal is not None:
+                    return
+                await job()
+
+        tasks = [asyncio.create_task(worker()) for _ in range(min(self.concurrency, len(jobs)))]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def _guard(self, sample_id: str, task: str, topic: str, call: Callable[[], Awaitable[None]]) -> None:
+        """Run one unit of work, turning teacher errors into recorded failures (or a fatal stop)."""
+        try:
+            await call()
+        except TeacherRejected as error:
+            if error.fatal:
+                self.fatal = self.fatal or error
+            self.fail(sample_id, task, topic, str(error))
+        except TeacherUnavailable as error:
+            self.fail(sample_id, task, topic, str(error), error.attempts)
+        except (TeacherError, SampleError) as error:
+            self.fail(sample_id, task, topic, str(error))
+
+    async def generate_questions(self) -> None:
+        """Phase 1 (response/cot): fill every topic's question list up to `questions_per_topic`."""
+        wanted = self.plan.questions_per_topic
+        missing_topics = [topic for topic in self.plan.topics if len(self.questions[topic.key]) < wanted]
+        if not missing_topics:
+            return
+        self._bar = _Bar(self.show_progress, len(missing_topics), "questions", "topic")
+        try:
+            jobs = [self._questions_job(topic) for topic in missing_topics]
+            await self._pool(jobs)
+        finally:
+            self._bar.close()
+            self._bar = None
+
+    def _questions_job(self, topic: Topic) -> Callable[[], Awaitable[None]]:
+        async def job() -> None:
+            await self._guard(f"questions/{topic.key}", "questions", topic.text, lambda: self._fill_questions(topic))
+            if len(self.questions[topic.key]) >= self.plan.questions_per_topic:
+                self.question_failures.pop(f"questions/{topic.key}", None)
+            self.save_manifest()
+            if self._bar is not None:
+                self._bar.advance(self.teacher.usage.retries, len(self.failures))
+
+        return job
+
+    async def _fill_questions(self, topic: Topic) -> None:
+        """Ask for up to QUESTIONS_PER_REQUEST questions at a time until the topic has its count.
+
+        Each new question is appended to questions.jsonl before anything uses it. A teacher that
+        gives fewer lines than asked is asked again; after FRUITLESS_QUESTION_ROUNDS requests in a
+        row without a new (non-duplicate) question the topic fails, and the next run tries again.
+        """
+        wanted = self.plan.questions_per_topic
+        known = self.questions[topic.key]
+        seen = {question_key(question) for question in known}
+        fruitless = requests = 0
+        while len(known) < wanted and fruitless < FRUITLESS_QUESTION_ROUNDS:
+            count = min(wanted - len(known), QUESTIONS_PER_REQUEST)
+            reply = await self.teacher.chat(
+                question_messages(self.plan.mode, topic.text, count, known),
+                max_tokens=self.generation.max_tokens,
+                temperature=self.generation.temperature,
+                seed=request_seed(self.generation.seed, f"questions/{topic.key}/{len(known)}/{fruitless}"),
+            )
+            requests += 1
+            fresh = []
+            for question in parse_questions(split_reasoning(reply.content, reply.reasoning).answer):
+                if question_key(question) not in seen and len(fresh) < count:
+                    seen.add(question_key(question))
+                    fresh.append(question)
+            rows = [
+                {"topic_key": topic.key, "topic": topic.text, "index": len(known) + offset, "question": question}
+                for offset, question in enumerate(fresh)
+            ]
+            self.folder.append_jsonl(QUESTIONS_FILE, rows)
+            known.extend(fresh)
+            fruitless = 0 if fresh else fruitless + 1
+        if len(known) < wanted:
+            raise TeacherReplyError(
+                f"the teacher gave {len(known)} of {wanted} distinct questions for topic {topic.text!r}; "
+                f"the last {fruitless} of {requests} requests brought no new one (one question per line is expected)"
+            )
+
+    async def generate_samples(self) -> None:
+        """Phase 2: every planned sample that samples.jsonl does not hold yet."""
+        todo = [sample for sample in self.plan.samples if sample.id not in self.rows]
+        if not todo or self.fatal is not None:
+            return
+        self._bar = _Bar(self.show_progress, len(todo), self.plan.mode, "sample")
+        try:
+            await self._pool([self._sample_job(sample) for sample in todo])
+        finally:
+            self._bar.close()
+            self._bar = None
+
+    def _sample_job(self, sample: PlannedSample) -> Callable[[], Awaitable[None]]:
+        async def job() -> None:
+            await self._guard(sample.id, sample.task, sample.topic, lambda: self._make_sample(sample))
+            self.save_manifest()
+            if self._bar is not None:
+                self._bar.advance(self.teacher.usage.retries, len(self.failures))
+
+        return job
+
+    async def _make_sample(self, sample: PlannedSample) -> None:
+        if sample.chunk is not None:
+            request = task_messages(sample.task, sample.chunk)
+            training_prefix = request
+        else:
+            questions = self.questions.get(sample.topic_key or "", [])
+            if sample.index is None or sample.index >= len(questions):
+                raise SampleError(f"no question #{sample.index} for topic {sample.topic!r} (see the questions failure)")
+            question = {"role": "user", "content": questions[sample.index]}
+            training_prefix = [{"role": "system", "content": self.generation.system_prompt}, question]
+            system = self.generation.system_prompt + (COT_INSTRUCTION if sample.task == "cot" else "")
+            request = [{"role": "system", "content": system}, question]
+        reply = await self.teacher.chat(
+            request,
+            max_tokens=self.generation.max_tokens,
+            temperature=self.generation.temperature,
+            seed=request_seed(self.generation.seed, sample.id),
+        )
+        row = sample_row(sample, training_prefix, reply)
+        self.folder.append_jsonl(SAMPLES_FILE, [row])
+        self.add_row(row)
+        self.written += 1
+        self.failures.pop(sample.id, None)
+
+
+def sample_row(sample: PlannedSample, prefix: Sequence[Mapping[str, str]], reply: ChatReply) -> dict[str, Any]:
+    """The samples.jsonl row for a reply; `TeacherReplyError` when the reply has no answer."""
+    split = split_reasoning(reply.content, reply.reasoning)
+    if split.unterminated and not split.answer:
+        raise TeacherReplyError(
+            f"the reply was cut off inside <think> (finish_reason={reply.finish_reason}); raise --max-tokens"
+        )
+    if not split.answer:
+        raise TeacherReplyError(f"the teacher's answer is empty (finish_reason={reply.finish_reason})")
+    row: dict[str, Any] = {"id": sample.id, "task": sample.task, "topic": sample.topic}
+    assistant = split.answer
+    if sample.task == "cot":
+        reasoning = None if split.unterminated else split.reasoning
+        if reasoning:
+            assistant = cot_assistant_content(reasoning, split.answer)
+        row["reasoning"] = reasoning
+        row["missing_reasoning"] = not reasoning
+    row["messages"] = [*[dict(message) for message in prefix], {"role": "assistant", "content": assistant}]
+    if sample.document is not None:
+        row["document"] = sample.document
+        row["chunk"] = sample.chunk_index
+    if sample.task == "classify":
+        row["label"] = extract_label(split.answer)
+    row["finish_reason"] = reply.finish_reason
+    return row
+
+
+async def distill(
+    plan: Plan,
+    generation: Generation,
+    teacher_config: TeacherConfig,
+    out_dir: Path,
+    price: Price | None = None,
+    concurrency: int = 4,
+    force: bool = False,
+    show_progress: bool = True,
+) -> DistillResult:
+    """Generate (or complete) the plan's samples in `out_dir`; see the module docstring."""
+    if concurrency < 1:
+        raise DistillError("--concurrency must be at least 1")
+    record = plan_record(plan, teacher_config, generation)
+    folder = OutputFolder(out_dir)
+    with folder.locked():
+        if force:
+            folder.clear()
+        old = folder.read_json(PLAN_FILE)
+        if old is None and (folder.file(SAMPLES_FILE).exists() or folder.file(QUESTIONS_FILE).exists()):
+            raise PlanMismatchError(
+                f"{out_dir} holds samples but no {PLAN_FILE}; use another --out or --force to start over"
+            )
+        if old is not None:
+            differences = plan_differences(old, record)
+            if differences:
+                raise PlanMismatchError(
+                    f"{out_dir} holds a run with a different plan ({', '.join(differences)} differ); "
+                    "use another --out, or --force to start over"
+                )
+        else:
+            folder.write_json(PLAN_FILE, record)
+        teacher = TeacherClient(teacher_config)
+        run = _Run(plan, generation, teacher, folder, record, price or Price(), concurrency, show_progress)
+        teacher.on_retry = run.on_retry
+        run.load()
+        status = "interrupted"  # unless we get to say otherwise (Ctrl-C, a bug)
+        try:
+            if len(run.rows) < len(plan.samples):
+                async with teacher:
+                    await _preflight(teacher)
+                    run.save_manifest()
+                    if plan.topics:
+                        await run.generate_questions()
+                    await run.generate_samples()
+            if run.fatal is not None:
+                run.error = f"stopped: {run.fatal} (the samples so far are kept; rerun to continue)"
+                raise DistillError(run.error)
+            status = "complete" if len(run.rows) == len(plan.samples) else "incomplete"
+        except DistillError as error:
+            status, run.error = "aborted", str(error)
+            raise
+        finally:
+            manifest = run.save_manifest(status)
+    return DistillResult(out_dir, len(plan.samples), len(run.rows), len(run.failures), manifest)
+
+
+async def _preflight(teacher: TeacherClient) -> None:
+    """Fail once, early, on an unreachable teacher, a refused key or a model it does not serve."""
+    config = teacher.config
+    try:
+        served = await teacher.served_models(max_connection_retries=min(2, config.retry.max_retries))
+    except TeacherUnavailable as error:
+        raise DistillError(f"cannot reach the teacher: {error}") from None
+    except TeacherRejected as error:
+        raise DistillError(str(error)) from None
+    if served is not None and served and config.model not in served:
+        raise DistillError(
+            f"teacher at {config.base_url} does not serve model {config.model!r} (it serves: {', '.join(served)})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 (got {value})")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (got {text})")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"top_k\": 20}'")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `student distill`."""
+    parser.add_argument(
+        "--mode", choices=MODES, required=True, help="response, cot (keeps the reasoning) or multitask (from documents)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder: samples.jsonl, manifest.json, plan.json (resumed if it exists)",
+    )
+    teacher = parser.add_argument_group("teacher (any OpenAI-compatible endpoint)")
+    url_default, model_default = os.environ.get("STUDENT_TEACHER_URL"), os.environ.get("STUDENT_TEACHER_MODEL")
+    teacher.add_argument(
+        "--teacher-url",
+        default=url_default,
+        required=url_default is None,
+        help="API base URL, e.g. https://api.deepseek.com/v1 (env STUDENT_TEACHER_URL)",
+    )
+    teacher.add_argument(
+        "--teacher-model",
+        default=model_default,
+        required=model_default is None,
+        help="model name, e.g. deepseek-reasoner (env STUDENT_TEACHER_MODEL)",
+    )
+    teacher.add_argument(
+        "--teacher-key-env",
+        default=DEFAULT_KEY_ENV,
+        metavar="VAR",
+        help="environment variable holding the API key (default: %(default)s; unset = no key)",
+    )
+    teacher.add_argument(
+        "--teacher-extra-body",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help='JSON object merged into every request, e.g. vLLM\'s \'{"structured_outputs": {"regex": "..."}}\'',
+    )
+    teacher.add_argument(
+        "--input-usd-per-mtok",
+        type=_non_negative_float,
+        default=0.0,
+        help="teacher's price per million prompt tokens, USD, for the manifest's cost (default: 0)",
+    )
+    teacher.add_argument(
+        "--output-usd-per-mtok",
+        type=_non_negative_float,
+        default=0.0,
+        help="teacher's price per million completion tokens, USD (default: 0)",
+    )
+    inputs = parser.add_argument_group("what to generate")
+    inputs.add_argument(
+        "--topics",
+        type=Path,
+        default=DEFAULT_TOPICS_FILE,
+        help="response/cot: topics file, one per line (default: the bundled Vietnamese support topics)",
+    )
+    inputs.add_argument(
+        "--questions-per-topic",
+        type=_positive_int,
+        default=150,
+        help="response/cot: samples per topic (default: %(default)s; the 7 bundled topics x 150 = 1,050, "
+        "over the article's 1,000 per task)",
+    )
+    inputs.add_argument(
+        "--documents",
+        type=Path,
+        default=DEFAULT_DOCUMENTS_DIR,
+        help="multitask: folder of .txt/.md shop documents (default: the bundled samples)",
+    )
+    inputs.add_argument(
+        "--tasks", default=",".join(TASKS), help="multitask: comma-separated tasks (default: %(default)s)"
+    )
+    inputs.add_argument(
+        "--chunk-chars",
+        type=_positive_int,
+        default=2000,
+        help="multitask: longest document chunk, characters (default: %(default)s)",
+    )
+    inputs.add_argument(
+        "--system-prompt", default=SYSTEM_PROMPT, help="response/cot: the samples' system turn (default: %(default)r)"
+    )
+    inputs.add_argument(
+        "--max-tokens", type=_positive_int, help="per reply (default: response 2000, cot 4000, multitask 1500)"
+    )
+    inputs.add_argument(
+        "--temperature", type=_non_negative_float, default=DEFAULT_TEMPERATURE, help="(default: %(default)s)"
+    )
+    inputs.add_argument("--seed", type=int, default=0, help="base of the per-request seeds (default: %(default)s)")
+    pacing = parser.add_argument_group("pacing and retries")
+    pacing.add_argument(
+        "--concurrency", type=_positive_int, default=4, help="requests in flight at once (default: %(default)s)"
+    )
+    pacing.add_argument(
+        "--rpm",
+        type=_non_negative_float,
+        default=60.0,
+        help="most requests started per minute, retries included; 0 = no limit (default: %(default)s)",
+    )
+    pacing.add_argument(
+        "--max-retries",
+        type=_non_negative_int,
+        default=5,
+        help="retries of a request on 429, 5xx, timeouts and connection errors (default: %(default)s)",
+    )
+    pacing.add_argument(
+        "--timeout-s",
+        type=_positive_float,
+        default=300.0,
+        help="longest wait for one reply, seconds (default: %(default)s)",
+    )
+    pacing.add_argument(
+        "--backoff-base-s",
+        type=_non_negative_float,
+        default=1.0,
+        help="first backoff, seconds; doubles per retry, with jitter (default: %(default)s)",
+    )
+    pacing.add_argument(
+        "--backoff-max-s",
+        type=_non_negative_float,
+        default=60.0,
+        help="longest backoff without Retry-After, seconds (default: %(default)s)",
+    )
+    parser.add_argument("--force", action="store_true", help="start over: delete this tool's files in --out first")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    if args.mode == "multitask":
+        tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+        return plan_multitask(load_documents(args.documents), tasks, args.chunk_chars)
+    return plan_questions(args.mode, load_topics(args.topics), args.questions_per_topic)
+
+
+def teacher_config_from_args(args: argparse.Namespace) -> TeacherConfig:
+    key = os.environ.get(args.teacher_key_env) or None
+    try:
+        return TeacherConfig(
+            url=args.teacher_url,
+            model=args.teacher_model,
+            api_key=key,
+            key_env=args.teacher_key_env,
+            timeout_s=args.timeout_s,
+            requests_per_minute=args.rpm or None,
+            retry=RetryPolicy(args.max_retries, args.backoff_base_s, max(args.backoff_max_s, args.backoff_base_s)),
+            extra_body=args.teacher_extra_body,
+        )
+    except ValueError as error:
+        raise DistillError(str(error)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """`student distill`: 0 when every planned sample is written, 1 otherwise (with the reason)."""
+    try:
+        plan = plan_from_args(args)
+        teacher_config = teacher_config_from_args(args)
+        generation = Generation(
+            max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS[args.mode],
+            temperature=args.temperature,
+            seed=args.seed,
+            system_prompt=args.system_prompt,
+            extra_body=teacher_config.extra_body,
+        )
+        price = Price(args.input_usd_per_mtok, args.output_usd_per_mtok)
+        result = asyncio.run(
+            distill(
+                plan, generation, teacher_config, args.out, price, args.concurrency, args.force, not args.no_progress
+            )
+        )
+    except DistillError as error:
+        print(f"student distill: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("student distill: interrupted; the samples so far are kept, rerun to continue", file=sys.stderr)
+        return 130
+    manifest = result.manifest
+    summary = (
+        f"{result.done}/{result.planned} samples in {result.samples_path}; "
+        f"{manifest['usage'].get('prompt_tokens', 0)} prompt + {manifest['usage'].get('completion_tokens', 0)} "
+        f"completion tokens, {manifest['usage'].get('retries', 0)} retries, ${manifest['cost_usd']:.4f}"
+    )
+    if "missing_reasoning" in manifest:
+        summary += f", {manifest['missing_reasoning']} without reasoning"
+    stderr_note(summary)
+    print(result.samples_path)
+    if result.complete:
+        return 0
+    for failure in manifest["failures"][:5]:
+        stderr_note(f"failed {failure['id']}: {failure['error']}")
+    print(
+        f"student distill: error: {result.planned - result.done} of {result.planned} samples are missing "
+        f"({result.failed} failed, see {result.out_dir / MANIFEST_FILE}); rerun the same command to retry them",
+        file=sys.stderr,
+    )
+    return 1
