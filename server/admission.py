@@ -20,56 +20,83 @@ from server.errors import error_response
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
-class AdmissionMiddleware:
-    """ASGI middleware holding a slot from admission until the answer's last byte is sent."""
+class Slots:
+    """What admission control keeps: answers in flight, requests waiting, refusals.
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        max_in_flight: int,
-        max_queue: int,
-        upstream_ready: Callable[[], bool] = lambda: True,
-        retry_after_s: int = 1,
-    ):
+    Shared by the middleware and, with a remote upstream, by routing (`full`: would the next
+    request be refused?), which must ask before the middleware refuses.
+    """
+
+    def __init__(self, max_in_flight: int, max_queue: int):
         if max_in_flight < 1 or max_queue < 0:
             raise ValueError("max_in_flight must be >= 1 and max_queue >= 0")
-        self._app = app
-        self._slots = asyncio.Semaphore(max_in_flight)
         self.max_in_flight = max_in_flight
         self.max_queue = max_queue
-        self._upstream_ready = upstream_ready
-        self._retry_after_s = retry_after_s
+        self.semaphore = asyncio.Semaphore(max_in_flight)
         self.in_flight = 0
         self.waiting = 0
         self.rejected = 0
 
+    @property
+    def full(self) -> bool:
+        """Every slot taken and the waiting line full: one more request would get 429."""
+        return self.semaphore.locked() and self.waiting >= self.max_queue
+
+
+class AdmissionMiddleware:
+    """ASGI middleware holding a slot from admission until the answer's last byte is sent.
+
+    `bypass(scope)`: requests that take no slot (those routed to the remote upstream).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        slots: Slots,
+        upstream_ready: Callable[[], bool] = lambda: True,
+        retry_after_s: int = 1,
+        bypass: Callable[[Scope], bool] = lambda scope: False,
+    ):
+        self._app = app
+        self._slots = slots
+        self._upstream_ready = upstream_ready
+        self._retry_after_s = retry_after_s
+        self._bypass = bypass
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in GENERATION_PATHS:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"] not in GENERATION_PATHS
+            or self._bypass(scope)
+        ):
             await self._app(scope, receive, send)
             return
-        if self._slots.locked() and self.waiting >= self.max_queue:
-            self.rejected += 1
+        slots = self._slots
+        if slots.full:
+            slots.rejected += 1
             await self._refuse()(scope, receive, send)
             return
-        self.waiting += 1
+        slots.waiting += 1
         try:
-            await self._slots.acquire()
+            await slots.semaphore.acquire()
         finally:
-            self.waiting -= 1
-        self.in_flight += 1
+            slots.waiting -= 1
+        slots.in_flight += 1
         try:
             await self._app(scope, receive, send)
         finally:
-            self.in_flight -= 1
-            self._slots.release()
+            slots.in_flight -= 1
+            slots.semaphore.release()
 
     def _refuse(self):  # noqa: ANN202  an ASGI response
         headers = {"Retry-After": str(self._retry_after_s)}
         if not self._upstream_ready():
             return error_response(503, "the model server is not ready; retry shortly", headers=headers)
+        slots = self._slots
         return error_response(
             429,
-            f"the gateway is at capacity ({self.max_in_flight} answering, {self.max_queue} waiting); retry shortly",
+            f"the gateway is at capacity ({slots.max_in_flight} answering, {slots.max_queue} waiting); retry shortly",
             type_="rate_limit_error",
             headers=headers,
         )

@@ -14,10 +14,11 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import aiohttp
 from fastapi import FastAPI
 
 from server import dashboard
-from server.admission import AdmissionMiddleware
+from server.admission import AdmissionMiddleware, Slots
 from server.auth import AccessMiddleware, TokenLimiter, load_keys
 from server.balancer import Balancer, health_probe
 from server.catalog import ModelCatalog
@@ -26,9 +27,10 @@ from server.energy import EnergyMeter
 from server.errors import install_error_handlers
 from server.ledger import Ledger
 from server.power import NvmlSource, PowerLimitError, PowerSource, cuda_visible_devices, detect_power_source
-from server.proxy import StreamTimeouts, UpstreamProxy, create_upstream_session
+from server.proxy import StreamTimeouts, UpstreamProxy, UpstreamTarget, create_upstream_session
 from server.recorder import RequestRecorder
 from server.routes import router
+from server.routing import LocalState, RouteMiddleware, routed_remote
 from server.settings import Settings
 from server.supervisor import VllmSupervisor
 
@@ -57,18 +59,21 @@ def create_app(
         )
         app.state.supervisor = supervisor
         app.state.recorder = None
+        app.state.remote_proxy = None
         try:
             if not settings.telemetry:
                 logger.warning("telemetry is off: no metrics, stats, energy or ledger")
                 app.state.proxy = UpstreamProxy(
                     session, balancer, settings.ready_timeout_s, stream_timeouts=timeouts
                 )
+                app.state.remote_proxy = _remote_proxy(settings, session, None, timeouts)
                 yield
                 return
             async with _telemetry(settings, power_source, token_limiter) as recorder:
                 app.state.recorder = recorder
                 recorder.metrics.add_replicas(balancer.status)
                 app.state.proxy = UpstreamProxy(session, balancer, settings.ready_timeout_s, recorder, timeouts)
+                app.state.remote_proxy = _remote_proxy(settings, session, recorder, timeouts)
                 yield
         finally:
             health_checks.cancel()
@@ -82,13 +87,25 @@ def create_app(
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(dashboard.router)
-    in_flight, queue = settings.admission_limits
-    app.add_middleware(
-        AdmissionMiddleware,
-        max_in_flight=in_flight,
-        max_queue=queue,
-        upstream_ready=lambda: supervisor is None or supervisor.status()[0] == "running",
-    )
+    slots = Slots(*settings.admission_limits)
+
+    def vllm_running() -> bool:
+        return supervisor is None or supervisor.status()[0] == "running"
+
+    app.add_middleware(AdmissionMiddleware, slots=slots, upstream_ready=vllm_running, bypass=routed_remote)
+    if settings.has_remote:  # decides before admission control, which remote requests then skip
+
+        def local_state() -> LocalState:
+            proxy = getattr(app.state, "proxy", None)
+            healthy = proxy is not None and any(replica.healthy for replica in proxy.balancer.replicas)
+            return LocalState(ready=healthy and vllm_running(), at_capacity=slots.full)
+
+        app.add_middleware(
+            RouteMiddleware,
+            rules=settings.routing_rules,
+            local_state=local_state,
+            max_body_bytes=settings.max_body_bytes,
+        )
     app.add_middleware(
         AccessMiddleware,
         digests=load_keys(settings.api_keys, settings.api_keys_file),
@@ -97,6 +114,31 @@ def create_app(
         token_limiter=token_limiter,
     )
     return app
+
+
+def _remote_proxy(
+    settings: Settings, session: aiohttp.ClientSession, recorder: RequestRecorder | None, timeouts: StreamTimeouts
+) -> UpstreamProxy | None:
+    """The remote upstream of hybrid routing (None without one): the same forwarding, timeouts
+    and accounting as local, over a one-replica balancer that is never health-checked (a hosted
+    API has no /health; its failures reach the client as they would from vLLM)."""
+    if settings.remote_url is None:
+        return None
+    key = settings.remote_api_key
+    target = UpstreamTarget(
+        route="remote",
+        model=settings.remote_model,
+        headers={"authorization": f"Bearer {key}"} if key else {},
+        # The gateway's own key (if any) and the route header are for this gateway only.
+        drop_headers=frozenset({"authorization", settings.route_header.lower()}),
+    )
+    balancer = Balancer([settings.remote_url], _always_healthy)
+    logger.info("remote upstream %s (model %s) for hybrid routing", settings.remote_url, settings.remote_model)
+    return UpstreamProxy(session, balancer, settings.ready_timeout_s, recorder, timeouts, target)
+
+
+async def _always_healthy(base_url: str) -> None:
+    return None
 
 
 def _token_limiter(settings: Settings) -> TokenLimiter | None:

@@ -16,7 +16,8 @@ Why SQLite, and why this way:
   and money.
 
 `PRAGMA user_version` is the schema version; opening an older ledger for writing migrates it
-(version 2 added `requests.key_name`, NULL in older rows). Times are unix seconds
+(version 2 added `requests.key_name`, NULL in older rows; version 3 the hybrid route: `routed_to`,
+'local' in older rows, `route_reason` and `remote_cost_usd`, NULL). Times are unix seconds
 (`time.time()`), energies joules, costs in the row's `currency` unless named `_usd`.
 """
 
@@ -29,13 +30,14 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, tzinfo
 from pathlib import Path
 
 __all__ = [
     "SCHEMA_VERSION",
     "DaySummary",
+    "RouteDay",
     "EnergyRow",
     "Ledger",
     "LedgerError",
@@ -46,7 +48,7 @@ __all__ = [
     "read_requests",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 5000
 
 _SCHEMA = """
@@ -67,7 +69,10 @@ CREATE TABLE IF NOT EXISTS requests (
     electricity_cost REAL,
     currency TEXT NOT NULL,
     api_cost_usd TEXT NOT NULL,
-    key_name TEXT
+    key_name TEXT,
+    routed_to TEXT NOT NULL DEFAULT 'local',
+    route_reason TEXT,
+    remote_cost_usd REAL
 );
 CREATE INDEX IF NOT EXISTS requests_finished_at ON requests (finished_at);
 CREATE TABLE IF NOT EXISTS energy (
@@ -91,9 +96,20 @@ CREATE INDEX IF NOT EXISTS energy_ended_at ON energy (ended_at);
 _REQUEST_COLUMNS = (
     "finished_at", "route", "upstream", "model", "stream", "status", "prompt_tokens", "completion_tokens",
     "ttft_ms", "tpot_ms", "e2e_ms", "energy_j", "electricity_cost", "currency", "api_cost_usd", "key_name",
+    "routed_to", "route_reason", "remote_cost_usd",
 )  # fmt: skip
 # From version N to N + 1 (a ledger is never rewritten: columns are only added).
-_MIGRATIONS = {1: "ALTER TABLE requests ADD COLUMN key_name TEXT"}
+_MIGRATIONS = {
+    1: ("ALTER TABLE requests ADD COLUMN key_name TEXT",),
+    2: (
+        "ALTER TABLE requests ADD COLUMN routed_to TEXT NOT NULL DEFAULT 'local'",
+        "ALTER TABLE requests ADD COLUMN route_reason TEXT",
+        "ALTER TABLE requests ADD COLUMN remote_cost_usd REAL",
+    ),
+}
+# What an older ledger, read as it is (`student report` never migrates), has instead of the
+# columns added since: the SQL for the value, by the version that added the column.
+_ADDED_COLUMNS = {"key_name": (2, "NULL"), "routed_to": (3, "'local'"), "route_reason": (3, "NULL"), "remote_cost_usd": (3, "NULL")}
 _ENERGY_COLUMNS = (
     "started_at", "ended_at", "status", "source", "reason", "total_j", "idle_j", "attributed_j",
     "unattributed_j", "electricity_cost", "electricity_cost_usd", "currency",
@@ -130,6 +146,9 @@ class RequestRow:
     currency: str  # e.g. "VND"
     api_cost_usd: Mapping[str, float]  # per hosted API, USD; stored as JSON text
     key_name: str | None = None  # the API key's name (never the key); None without keys or before version 2
+    routed_to: str = "local"  # "local" (the student) or "remote" (the hybrid route's remote API)
+    route_reason: str | None = None  # why (server/routing.py); None without a remote
+    remote_cost_usd: float | None = None  # remote requests: tokens × the remote's price; None for local ones
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +215,8 @@ class Ledger:
                 self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             else:
                 for older in range(version, SCHEMA_VERSION):
-                    self._conn.execute(_MIGRATIONS[older])
+                    for statement in _MIGRATIONS[older]:
+                        self._conn.execute(statement)
                     self._conn.execute(f"PRAGMA user_version = {older + 1}")
             self._conn.execute("COMMIT")
         except BaseException:
@@ -214,6 +234,7 @@ class Ledger:
             row.prompt_tokens, row.completion_tokens, row.ttft_ms, row.tpot_ms, row.e2e_ms, row.energy_j,
             row.electricity_cost, row.currency,
             json.dumps(dict(row.api_cost_usd), sort_keys=True, allow_nan=False), row.key_name,
+            row.routed_to, row.route_reason, row.remote_cost_usd,
         )  # fmt: skip
         self._insert("requests", _REQUEST_COLUMNS, values)
 
@@ -274,15 +295,22 @@ def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
 def read_requests(path: Path, since_unix: float = -math.inf, until_unix: float = math.inf) -> list[RequestRow]:
     """Requests finished in [since_unix, until_unix), oldest first."""
     with _read_only(path) as conn:
-        # A ledger no gateway has migrated yet (version 1) has no key names.
-        old = int(conn.execute("PRAGMA user_version").fetchone()[0]) < 2
-        columns = [*_REQUEST_COLUMNS[:-1], "NULL"] if old else _REQUEST_COLUMNS
+        columns = _request_columns(conn)
         cursor = conn.execute(
             f"SELECT {', '.join(columns)} FROM requests"
             " WHERE finished_at >= ? AND finished_at < ? ORDER BY finished_at, id",
             (since_unix, until_unix),
         )
         return [_request_row(values) for values in cursor]
+
+
+def _request_columns(conn: sqlite3.Connection) -> list[str]:
+    """The request columns to select: a ledger no gateway has migrated yet lacks the newer ones."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    return [
+        _ADDED_COLUMNS[name][1] if name in _ADDED_COLUMNS and version < _ADDED_COLUMNS[name][0] else name
+        for name in _REQUEST_COLUMNS
+    ]
 
 
 def _request_row(values: tuple[object, ...]) -> RequestRow:
@@ -301,6 +329,20 @@ def read_energy(path: Path, since_unix: float = -math.inf, until_unix: float = m
             (since_unix, until_unix),
         )
         return [EnergyRow(*values) for values in cursor]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDay:
+    """One route's requests on one day (hybrid routing): counts, tokens and their own cost."""
+
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    # The electricity of the energy attributed to its requests (idle not included), per currency;
+    # empty when none of them was measured (a remote request never is).
+    electricity_cost: dict[str, float]
+    remote_cost_usd: float  # remote requests: tokens × the remote's price
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +368,12 @@ class DaySummary:
     electricity_cost: dict[str, float]  # of total_j, per currency (one, unless the tariff changed)
     electricity_cost_usd: float | None
     energy_reasons: tuple[str, ...]
+    routes: Mapping[str, RouteDay] = field(default_factory=dict)  # "local", "remote": those with requests
+
+    @property
+    def remote_cost_usd(self) -> float:
+        """What the day's remote requests cost (USD; 0 without any)."""
+        return sum(route.remote_cost_usd for route in self.routes.values())
 
     @property
     def energy_status(self) -> str:
@@ -348,12 +396,13 @@ def daily_summary(db_path: Path, since_unix: float, tz: tzinfo | None = None) ->
         first, last = _span(conn, since_unix)
         if first is None or last is None:
             return []
+        columns = dict(zip(_REQUEST_COLUMNS, _request_columns(conn), strict=True))
         days = []
         day, last_day = _local_day(first, tz), _local_day(last, tz)
         while day <= last_day:
             start = max(since_unix, _day_start_unix(day, tz))
             end = _day_start_unix(day + timedelta(days=1), tz)
-            summary = _summarise_day(conn, day, start, end)
+            summary = _summarise_day(conn, day, start, end, columns)
             if summary is not None:
                 days.append(summary)
             day += timedelta(days=1)
@@ -382,8 +431,11 @@ def _day_start_unix(day: date, tz: tzinfo | None) -> float:
     return datetime.combine(day, time(), tzinfo=tz).timestamp()
 
 
-def _summarise_day(conn: sqlite3.Connection, day: date, start: float, end: float) -> DaySummary | None:
-    """Sums for [start, end); None when the day has no rows at all."""
+def _summarise_day(
+    conn: sqlite3.Connection, day: date, start: float, end: float, columns: Mapping[str, str]
+) -> DaySummary | None:
+    """Sums for [start, end); None when the day has no rows at all. `columns`: request column
+    name -> the SQL to read it (a constant for a column an unmigrated ledger lacks)."""
     window = {"start": start, "end": end}
     requests, errors, prompt_tokens, completion_tokens = conn.execute(
         "SELECT COUNT(*), COALESCE(SUM(status >= 400), 0), COALESCE(SUM(prompt_tokens), 0),"
@@ -436,4 +488,29 @@ def _summarise_day(conn: sqlite3.Connection, day: date, start: float, end: float
         electricity_cost=electricity_cost,
         electricity_cost_usd=sum(costs_usd) if measured and None not in costs_usd else None,
         energy_reasons=tuple(reasons),
+        routes=_route_days(conn, window, columns),
     )
+
+
+def _route_days(conn: sqlite3.Connection, window: Mapping[str, float], columns: Mapping[str, str]) -> dict[str, RouteDay]:
+    found: dict[str, RouteDay] = {}
+    for route, currency, requests, errors, prompt, completion, electricity, measured, remote in conn.execute(
+        f"SELECT {columns['routed_to']}, currency, COUNT(*), COALESCE(SUM(status >= 400), 0),"
+        " COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), TOTAL(electricity_cost),"
+        f" COUNT(electricity_cost), TOTAL({columns['remote_cost_usd']}) FROM requests"
+        " WHERE finished_at >= :start AND finished_at < :end GROUP BY 1, 2 ORDER BY 1, 2",
+        window,
+    ):
+        before = found.get(route, RouteDay(0, 0, 0, 0, {}, 0.0))
+        cost = dict(before.electricity_cost)
+        if measured:
+            cost[currency] = cost.get(currency, 0.0) + electricity
+        found[route] = RouteDay(
+            before.requests + requests,
+            before.errors + errors,
+            before.prompt_tokens + prompt,
+            before.completion_tokens + completion,
+            cost,
+            before.remote_cost_usd + remote,
+        )
+    return found

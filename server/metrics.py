@@ -5,7 +5,9 @@ throughput are read from the live state at scrape time. Energy series are absent
 energy is not measured; `student_energy_measured` and `student_energy_info` say why.
 
 The `upstream` label is a replica's base URL, or "gateway" for requests the gateway refused
-itself: as many values as `--upstream` replicas, plus one.
+itself: as many values as `--upstream` replicas, plus one. Hybrid routing has series of its
+own, labelled `routed_to` ("local" or "remote"; `route` is the endpoint path): requests by the
+reason they went there, tokens, and each route's own cost in USD.
 """
 
 from __future__ import annotations
@@ -68,14 +70,36 @@ class GatewayMetrics:
             "student_e2e_request_latency_seconds", "End-to-end request latency", labels,
             buckets=E2E_BUCKETS_S, registry=self.registry,
         )
+        self.routed_requests = Counter(
+            "student_routed_requests", "Finished requests by route (local/remote) and why they went there",
+            ("routed_to", "reason"), registry=self.registry,
+        )
+        self.routed_tokens = Counter(
+            "student_routed_tokens", "Tokens by route and kind (prompt/completion)", ("routed_to", "kind"),
+            registry=self.registry,
+        )
+        self.route_cost_usd = Counter(
+            "student_route_cost_usd",
+            "Each route's own cost, USD: local the electricity attributed to its requests (only while measured), "
+            "remote its tokens x the remote's price",
+            ("routed_to",), registry=self.registry,
+        )
         self.registry.register(_LiveCollector(live))
 
     def add_replicas(self, status: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
         """Export each replica's health and requests in flight (`Balancer.status`) at scrape time."""
         self.registry.register(_ReplicaCollector(status))
 
-    def observe(self, record: RequestRecord) -> None:
-        """Count one finished request (successful ones also feed the latency histograms)."""
+    def observe(self, record: RequestRecord, route_cost_usd: float | None = None) -> None:
+        """Count one finished request (successful ones also feed the latency histograms).
+
+        `route_cost_usd`: what it cost its route (None: unknown, e.g. energy not measured)."""
+        routed_to = record.routed_to
+        self.routed_requests.labels(routed_to, record.route_reason or "none").inc()
+        self.routed_tokens.labels(routed_to, "prompt").inc(record.prompt_tokens or 0)
+        self.routed_tokens.labels(routed_to, "completion").inc(record.completion_tokens or 0)
+        if route_cost_usd is not None:
+            self.route_cost_usd.labels(routed_to).inc(route_cost_usd)
         labels = (record.route, record.upstream)
         self.requests.labels(*labels, str(record.status)).inc()
         self.prompt_tokens.labels(*labels).inc(record.prompt_tokens or 0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -26,6 +26,7 @@ from server.client_socket import ChunkWriter
 from server.errors import error_body, error_response, normalize_upstream_error
 from server.settings import Settings
 from server.recorder import RequestRecorder
+from server.routing import SCOPE_KEY as ROUTE_SCOPE_KEY
 from server.sse import EventSplitter
 from server.telemetry import RequestRecord, StreamObserver, request_usage_in_stream, take_usage_from_body
 
@@ -78,9 +79,12 @@ class UpstreamProxy:
         ready_timeout_s: float = 2.0,
         recorder: RequestRecorder | None = None,
         stream_timeouts: StreamTimeouts | None = None,
+        target: UpstreamTarget | None = None,
     ):
         self._session = session
         self.balancer = balancer
+        self.target = target or UpstreamTarget()
+        self._drop_request_headers = _DROP_REQUEST_HEADERS | self.target.drop_headers
         self.base_url = ", ".join(balancer.urls)  # for people (/ready, /stats): one URL per replica
         self._ready_timeout = aiohttp.ClientTimeout(total=ready_timeout_s)
         self._recorder = recorder
@@ -90,9 +94,14 @@ class UpstreamProxy:
             total=None, connect=session.timeout.connect, sock_connect=session.timeout.sock_connect
         )
 
-    def reject(self, path: str, payload: dict[str, Any] | None, response: Response) -> Response:
+    def reject(
+        self, path: str, payload: dict[str, Any] | None, response: Response, request: Request | None = None
+    ) -> Response:
         """Account for a request the gateway itself refused (bad input): it is in the ledger too."""
         record = _new_record(path, "gateway", payload)
+        record.routed_to = self.target.route
+        decision = None if request is None else request.scope.get("state", {}).get(ROUTE_SCOPE_KEY)
+        record.route_reason = None if decision is None else decision.reason
         if self._recorder is not None:
             self._recorder.begin(record)
         return self._finish(record, response)
@@ -104,15 +113,25 @@ class UpstreamProxy:
         that just died), another replica gets the request: answers have no side effects, and a
         replica that lost the connection has aborted whatever it had started.
         """
+        target = self.target
+        if target.model is not None and payload.get("model") != target.model:
+            payload = {**payload, "model": target.model}
+            body = json.dumps(payload, ensure_ascii=False).encode()
         record = _new_record(path, "gateway", payload)
-        record.key_name = request.scope.get("state", {}).get("api_key_name")
+        state = request.scope.get("state", {})
+        record.key_name = state.get("api_key_name")
+        record.routed_to = target.route
+        decision = state.get(ROUTE_SCOPE_KEY)
+        record.route_reason = None if decision is None else decision.reason
         recorder = self._recorder
         observer = None
         if recorder is not None and record.stream:
-            rewritten, wish = request_usage_in_stream(payload, continuous=recorder.measures_energy)
+            sink = recorder.token_sink(record)  # None unless the meter attributes energy to it
+            rewritten, wish = request_usage_in_stream(payload, continuous=sink is not None)
             body = rewritten or body
-            observer = StreamObserver(record, wish, recorder.token_sink(record))
-        headers = forwardable_headers(request.headers, _DROP_REQUEST_HEADERS)
+            observer = StreamObserver(record, wish, sink)
+        headers = forwardable_headers(request.headers, self._drop_request_headers)
+        headers.update(target.headers)
         headers["accept-encoding"] = "identity"
         headers["content-type"] = "application/json"
         if recorder is not None:
@@ -309,6 +328,20 @@ class UpstreamProxy:
             # socket makes vLLM abort the request and free its slot.
             upstream.close()
             self._finished(record, status)
+
+
+@dataclass(frozen=True)
+class UpstreamTarget:
+    """Who an UpstreamProxy talks to: the local student (the default) or the remote API.
+
+    `model` replaces the request's `model`; `headers` (e.g. the remote's Authorization) replace
+    the client's; `drop_headers` (lower case) are not forwarded (e.g. the gateway's own key).
+    """
+
+    route: str = "local"
+    model: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    drop_headers: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """Where every request's measurements go: the energy meter, /stats, /metrics, the ledger, the log.
 
+Requests routed to the remote upstream (server/routing.py) use no local energy: the meter never
+sees them, and their cost is their tokens × the remote's price.
+
 The proxy calls `begin` when a request is sent upstream, `token_sink` to report tokens as a
 stream goes, and `finish` once, before the client receives the answer's last bytes: so a
 request's ledger row is committed before its client can see it finished.
@@ -14,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from server.costs import api_costs_usd
+from server.costs import api_cost_usd, api_costs_usd
 from server.energy import EnergyMeter
 from server.ledger import EnergyRow, Ledger, RequestRow
 from server.metrics import GatewayMetrics, LiveFigures
@@ -45,6 +48,7 @@ class RequestRecorder:
         self._settings = settings
         self._on_finish = on_finish
         self._tariff = settings.tariff
+        self._remote_price = settings.remote_api_price
         self._meter = meter
         self._ledger = ledger
         self.book = StatsBook(settings.stats_retention)
@@ -60,20 +64,28 @@ class RequestRecorder:
     def begin(self, record: RequestRecord) -> None:
         """A request goes upstream. Streams report tokens as they go; whole answers cannot."""
         self.in_flight += 1
-        self._meter.start_request(record.request_id, reports_tokens=record.stream)
+        if record.routed_to == "local":
+            self._meter.start_request(record.request_id, reports_tokens=record.stream)
 
     def token_sink(self, record: RequestRecord) -> TokenSink | None:
         """Where a stream reports its tokens for energy attribution (None when not measuring)."""
-        if not self._meter.measuring:
+        if not self._meter.measuring or record.routed_to != "local":
             return None
         return lambda tokens: self._meter.add_tokens(record.request_id, tokens)
 
     def finish(self, record: RequestRecord) -> None:
         """Account for a finished request: energy, ledger row (committed now), stats, metrics."""
         self.in_flight -= 1
-        record.energy_j = self._meter.finish_request(record.request_id)
-        api_cost_usd = api_costs_usd(self._settings.api_prices, record.prompt_tokens, record.completion_tokens)
-        self._write_ledger(record, api_cost_usd)
+        remote_cost_usd = None
+        if record.routed_to == "local":
+            record.energy_j = self._meter.finish_request(record.request_id)
+            route_cost_usd = self._tariff.to_usd(self._tariff.energy_cost(record.energy_j))
+        else:
+            price = self._remote_price
+            remote_cost_usd = 0.0 if price is None else api_cost_usd(price, record.prompt_tokens, record.completion_tokens)
+            route_cost_usd = remote_cost_usd
+        api_cost = api_costs_usd(self._settings.api_prices, record.prompt_tokens, record.completion_tokens)
+        self._write_ledger(record, api_cost, remote_cost_usd)
         self.book.add(
             FinishedRequest(
                 finished_s=record.finished_s or time.monotonic(),
@@ -84,17 +96,22 @@ class RequestRecorder:
                 tpot_ms=record.tpot_ms,
                 e2e_ms=record.e2e_ms or 0.0,
                 energy_j=record.energy_j,
-                api_cost_usd=api_cost_usd,
+                api_cost_usd=api_cost,
                 upstream=record.upstream,
+                routed_to=record.routed_to,
+                route_reason=record.route_reason,
+                remote_cost_usd=remote_cost_usd,
             )
         )
-        self.metrics.observe(record)
+        self.metrics.observe(record, route_cost_usd)
         if self._on_finish is not None:
             self._on_finish(record)
         if self._settings.access_log:
             print(f"[request] {describe(record)}", file=sys.stderr, flush=True)
 
-    def _write_ledger(self, record: RequestRecord, api_cost_usd: dict[str, float]) -> None:
+    def _write_ledger(
+        self, record: RequestRecord, api_cost_usd: dict[str, float], remote_cost_usd: float | None
+    ) -> None:
         row = RequestRow(
             finished_at=time.time(),
             route=record.route,
@@ -112,6 +129,9 @@ class RequestRecorder:
             currency=self._tariff.currency,
             api_cost_usd=api_cost_usd,
             key_name=record.key_name,
+            routed_to=record.routed_to,
+            route_reason=record.route_reason,
+            remote_cost_usd=remote_cost_usd,
         )
         try:
             self._ledger.add_request(row)
@@ -180,8 +200,20 @@ class RequestRecorder:
             upstream=upstream,
             power_limit_w=self._meter.power_limit_w(),
             replicas=replicas or (),
+            remote=self._remote_view(),
         )
         return build_stats(self.book, inputs, window_s, time.monotonic())
+
+    def _remote_view(self) -> dict[str, Any] | None:
+        """The remote upstream as /stats shows it (never its key)."""
+        settings, price = self._settings, self._remote_price
+        if price is None:
+            return None
+        return {
+            "url": settings.remote_url,
+            "model": settings.remote_model,
+            "price": {"input_usd_per_mtok": price.input_usd_per_mtok, "output_usd_per_mtok": price.output_usd_per_mtok},
+        }
 
     def _live_figures(self) -> LiveFigures:
         snapshot = self._meter.snapshot()

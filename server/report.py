@@ -5,8 +5,11 @@ running, after restarts and after crashes. Reading is in `server.ledger`; this m
 daily sums into one report and renders it as a table (for people), JSON or CSV (for tools).
 
 Money: electricity is the energy rows' cost (all measured energy, idle included, with the
-wall-power factor) in their currency; the saving against an API is that API's price for the
-same tokens minus the electricity, both in USD. Energy that was not measured is shown as
+wall-power factor) in their currency; with hybrid routing, requests sent to the remote API cost
+their tokens × its price (USD). The saving against an API is that API's price for all the
+tokens minus the electricity and the remote's cost, in USD. Per route (local, remote): requests,
+tokens, and the route's own cost: local the electricity of the energy attributed to its requests
+(idle not included), remote the API's charge. Energy that was not measured is shown as
 "unavailable" with the reason, never as 0.
 """
 
@@ -21,19 +24,20 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from server.ledger import DaySummary, LedgerError, daily_summary, default_ledger_path
+from server.ledger import DaySummary, LedgerError, RouteDay, daily_summary, default_ledger_path
 
 JOULES_PER_KWH = 3_600_000.0
 UNAVAILABLE = "unavailable"
 NOTHING_IN_WINDOW = "no requests or energy readings in this window"
 MAX_WINDOW_DAYS = 36_500  # beyond this, dates stop being representable; no ledger is that old
+ROUTES = ("local", "remote")
 _SINCE = re.compile(r"(?P<count>\d+)\s*(?P<unit>[hd])")
 
 
@@ -124,6 +128,19 @@ def _time_zone(name: str | None) -> tzinfo | None:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteLine:
+    """One route's part of a report line. `cost_usd`: local, the electricity of the energy
+    attributed to its requests (None: not measured or not convertible); remote, the API's charge."""
+
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    electricity_cost: float | None  # in Report.currency; None for remote (none used) or unmeasured
+    cost_usd: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Line:
     """One row of the report: a day, or the total (`label` "TOTAL"). None: not known."""
 
@@ -139,8 +156,10 @@ class Line:
     electricity_cost: float | None  # in Report.currency
     electricity_cost_usd: float | None
     api_cost_usd: dict[str, float | None]  # None: that API had no price recorded for the day
-    saving_usd: dict[str, float | None]  # API cost − electricity cost
+    saving_usd: dict[str, float | None]  # API cost − electricity cost − remote cost
     energy_reasons: tuple[str, ...]
+    remote_cost_usd: float = 0.0  # what the remote API charged (hybrid routing)
+    routes: dict[str, RouteLine] | None = None  # "local", "remote": those with requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +184,26 @@ def build_report(days: Sequence[DaySummary], usd_rate: float | None = None) -> R
     return Report(lines, _total_line(lines, api_names), currency, api_names, usd_rate)
 
 
+def _route_line(name: str, route: RouteDay, day: DaySummary, currency: str, usd_rate: float | None) -> RouteLine:
+    if name == "remote" or not route.electricity_cost or set(route.electricity_cost) != {currency}:
+        cost = None  # remote, unmeasured, or in another currency than the report's (then no USD rate)
+    else:
+        cost = route.electricity_cost[currency]
+    if name == "remote":
+        cost_usd: float | None = route.remote_cost_usd
+    elif cost is None:
+        cost_usd = None
+    elif currency.upper() == "USD":
+        cost_usd = cost
+    elif usd_rate is not None:
+        cost_usd = cost / usd_rate
+    else:  # the rate stored with the day's energy readings
+        day_cost = day.electricity_cost.get(currency)
+        rate = day_cost / day.electricity_cost_usd if day_cost and day.electricity_cost_usd else None
+        cost_usd = None if rate is None else cost / rate
+    return RouteLine(route.requests, route.errors, route.prompt_tokens, route.completion_tokens, cost, cost_usd)
+
+
 def _day_line(
     day: DaySummary, currency: str, mixed: bool, api_names: list[str], usd_rate: float | None
 ) -> Line:
@@ -183,6 +222,8 @@ def _day_line(
     api_cost = {
         name: day.api_cost_usd.get(name, 0.0 if day.requests == 0 else None) for name in api_names
     }
+    remote_usd = day.remote_cost_usd
+    spent_usd = None if cost_usd is None else cost_usd + remote_usd
     return Line(
         label=day.day.isoformat(),
         requests=day.requests,
@@ -196,8 +237,10 @@ def _day_line(
         electricity_cost=cost,
         electricity_cost_usd=cost_usd,
         api_cost_usd=api_cost,
-        saving_usd={name: _minus(api_cost[name], cost_usd) for name in api_names},
+        saving_usd={name: _minus(api_cost[name], spent_usd) for name in api_names},
         energy_reasons=day.energy_reasons,
+        remote_cost_usd=remote_usd,
+        routes={name: _route_line(name, route, day, currency, usd_rate) for name, route in sorted(day.routes.items())},
     )
 
 
@@ -208,6 +251,8 @@ def _total_line(lines: list[Line], api_names: list[str]) -> Line:
     measured = [line for line in lines if line.energy_kwh is not None]
     cost_usd = _sum([line.electricity_cost_usd for line in measured]) if measured else None
     api_cost = {name: _sum([line.api_cost_usd[name] for line in lines]) for name in api_names}
+    remote_usd = sum(line.remote_cost_usd for line in lines)
+    spent_usd = None if cost_usd is None else cost_usd + remote_usd
     return Line(
         label="TOTAL",
         requests=sum(line.requests for line in lines),
@@ -221,10 +266,30 @@ def _total_line(lines: list[Line], api_names: list[str]) -> Line:
         electricity_cost=_sum([line.electricity_cost for line in measured]) if measured else None,
         electricity_cost_usd=cost_usd,
         api_cost_usd=api_cost,
-        saving_usd={name: _minus(api_cost[name], cost_usd) for name in api_names},
+        saving_usd={name: _minus(api_cost[name], spent_usd) for name in api_names},
         energy_reasons=tuple(dict.fromkeys(reason for line in lines for reason in line.energy_reasons))
         or ((NOTHING_IN_WINDOW,) if not lines else ()),
+        remote_cost_usd=remote_usd,
+        routes=_total_routes(lines),
     )
+
+
+def _total_routes(lines: list[Line]) -> dict[str, RouteLine]:
+    """Each route summed over the days it had requests; an unknown cost on one of them: unknown."""
+    totals: dict[str, RouteLine] = {}
+    for name in ROUTES + tuple(sorted({n for line in lines for n in (line.routes or {})} - set(ROUTES))):
+        parts = [line.routes[name] for line in lines if line.routes and name in line.routes]
+        if not parts:
+            continue
+        totals[name] = RouteLine(
+            requests=sum(part.requests for part in parts),
+            errors=sum(part.errors for part in parts),
+            prompt_tokens=sum(part.prompt_tokens for part in parts),
+            completion_tokens=sum(part.completion_tokens for part in parts),
+            electricity_cost=_sum([part.electricity_cost for part in parts]),
+            cost_usd=_sum([part.cost_usd for part in parts]),
+        )
+    return totals
 
 
 def _kwh(energy_j: float | None) -> float | None:
@@ -243,6 +308,17 @@ def _minus(a: float | None, b: float | None) -> float | None:
 # --- renderings -----------------------------------------------------------------------------
 
 
+def _route_json(route: RouteLine) -> dict[str, Any]:
+    return {
+        "requests": route.requests,
+        "errors": route.errors,
+        "prompt_tokens": route.prompt_tokens,
+        "completion_tokens": route.completion_tokens,
+        "electricity_cost": route.electricity_cost,
+        "cost_usd": route.cost_usd,
+    }
+
+
 def _line_json(line: Line) -> dict[str, Any]:
     return {
         "requests": line.requests,
@@ -258,6 +334,8 @@ def _line_json(line: Line) -> dict[str, Any]:
         "api_cost_usd": line.api_cost_usd,
         "saving_usd": line.saving_usd,
         "energy_reasons": list(line.energy_reasons),
+        "remote_cost_usd": line.remote_cost_usd,
+        "routes": {name: _route_json(route) for name, route in (line.routes or {}).items()},
     }
 
 
@@ -282,7 +360,19 @@ def csv_header(report: Report) -> list[str]:
         f"electricity_cost_{report.currency or 'unknown'}", "electricity_cost_usd",
         *(f"api_cost_usd_{name}" for name in report.api_names),
         *(f"saving_usd_{name}" for name in report.api_names),
+        *(f"{route}_{column}" for route in ROUTES for column in _ROUTE_CSV_COLUMNS),
     ]  # fmt: skip
+
+
+_ROUTE_CSV_COLUMNS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_usd")
+
+
+def _route_cells(line: Line, cell: Callable[[float | None], str]) -> list[object]:
+    cells: list[object] = []
+    for name in ROUTES:
+        route = (line.routes or {}).get(name) or RouteLine(0, 0, 0, 0, None, 0.0 if name == "remote" else None)
+        cells += [route.requests, route.errors, route.prompt_tokens, route.completion_tokens, cell(route.cost_usd)]
+    return cells
 
 
 def write_csv(report: Report, file: TextIO) -> None:
@@ -299,6 +389,7 @@ def write_csv(report: Report, file: TextIO) -> None:
             line.energy_status, cell(line.energy_kwh), cell(line.electricity_cost), cell(line.electricity_cost_usd),
             *(cell(line.api_cost_usd[name]) for name in report.api_names),
             *(cell(line.saving_usd[name]) for name in report.api_names),
+            *_route_cells(line, cell),
         ])  # fmt: skip
 
 
@@ -328,20 +419,45 @@ def render_text(report: Report, ledger: Path, since: datetime, window: str) -> s
     print(file=out)
     print(_table([("", list(usage))], _rows(list(usage.values()))), file=out)
 
+    hybrid = any(line.routes and "remote" in line.routes for line in lines)
     if report.api_names:
         groups = [("", ["date"]), ("electricity", ["USD"])]
         cost_columns = [usage["date"], _numbers([line.electricity_cost_usd for line in lines], 2)]
+        if hybrid:
+            groups.append(("remote", ["USD"]))
+            cost_columns.append(_numbers([line.remote_cost_usd for line in lines], 2))
         for name in report.api_names:
             groups.append((name, ["cost USD", "saving USD"]))
             cost_columns.append(_numbers([line.api_cost_usd[name] for line in lines], 2, unknown="n/a"))
             cost_columns.append(_numbers([line.saving_usd[name] for line in lines], 2))
-        print("\nWhat the same tokens would have cost on hosted APIs; saving = API cost − electricity", file=out)
+        spent = "electricity − remote" if hybrid else "electricity"
+        print(f"\nWhat the same tokens would have cost on hosted APIs; saving = API cost − {spent}", file=out)
         print(_table(groups, _rows(cost_columns)), file=out)
+
+    if hybrid:
+        print("\nBy route: local = the student (electricity attributed to its requests, idle not included);", file=out)
+        print("remote = the remote API (tokens × its price)", file=out)
+        print(_table([("", ["date", "route", "requests", "errors", "prompt tokens", "completion tokens",
+                            f"electricity {report.currency}".strip(), "cost USD"])], _route_rows(lines)), file=out)
 
     print(file=out)
     for note in _notes(report):
         print(note, file=out)
     return out.getvalue().rstrip("\n")
+
+
+def _route_rows(lines: list[Line]) -> list[list[str]]:
+    """One row per day and route that had requests: counts, tokens, the route's own cost."""
+    pairs = [(line, name, route) for line in lines for name, route in (line.routes or {}).items()]
+    electricity = _numbers([route.electricity_cost for _, _, route in pairs], 0)
+    cost_usd = _numbers([route.cost_usd for _, _, route in pairs], 2)
+    rows = []
+    for (line, name, route), cost, usd in zip(pairs, electricity, cost_usd, strict=True):
+        rows.append([
+            line.label, name, f"{route.requests:,}", f"{route.errors:,}", f"{route.prompt_tokens:,}",
+            f"{route.completion_tokens:,}", "-" if name == "remote" else cost, usd,
+        ])  # fmt: skip
+    return rows
 
 
 def _notes(report: Report) -> list[str]:

@@ -13,6 +13,7 @@ from server.catalog import ModelCatalog
 from server.errors import REFUSALS, error_response
 from server.proxy import UpstreamProxy
 from server.recorder import RequestRecorder
+from server.routing import routed_remote
 from server.stats import MAX_WINDOW_S
 from server.supervisor import VllmSupervisor
 from server.validation import (
@@ -28,6 +29,9 @@ from server.validation import (
 
 
 def get_proxy(request: Request) -> UpstreamProxy:
+    """The local upstream, or the remote one for a request routed there (server/routing.py)."""
+    if routed_remote(request.scope):
+        return request.app.state.remote_proxy
     return request.app.state.proxy
 
 
@@ -86,20 +90,21 @@ async def _forward_json(
     body = await read_body(request, body_limit)
     if body is None:
         message = f"request body is larger than {body_limit} bytes"
-        return proxy.reject(path, None, error_response(413, message, headers={"Connection": "close"}))
+        return proxy.reject(path, None, error_response(413, message, headers={"Connection": "close"}), request)
     try:
         payload = json.loads(body, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        return proxy.reject(path, None, error_response(400, f"request body is not valid JSON: {exc}"))
+        return proxy.reject(path, None, error_response(400, f"request body is not valid JSON: {exc}"), request)
     if not isinstance(payload, dict):
-        return proxy.reject(path, None, error_response(400, "request body must be a JSON object"))
+        return proxy.reject(path, None, error_response(400, "request body must be a JSON object"), request)
     checked = check_unicode(body, payload) or validate(payload)
     if isinstance(checked, RequestError):
-        return proxy.reject(path, payload, checked.response())
-    served = await catalog.served(checked.model, lambda: _fetch_models(proxy))
-    refusal = check_served(checked, served)
-    if refusal is not None:
-        return proxy.reject(path, payload, refusal.response())
+        return proxy.reject(path, payload, checked.response(), request)
+    if proxy.target.route == "local":  # the remote gets its own model name and judges the rest itself
+        served = await catalog.served(checked.model, lambda: _fetch_models(proxy))
+        refusal = check_served(checked, served)
+        if refusal is not None:
+            return proxy.reject(path, payload, refusal.response(), request)
     return await proxy.forward(request, path, body, payload)
 
 

@@ -60,6 +60,14 @@ _FLAG_FIELDS = {
     "first_token_timeout_s": "first_token_timeout_s",
     "inter_token_timeout_s": "inter_token_timeout_s",
     "profile": "profile",
+    "remote_url": "remote_url",
+    "remote_model": "remote_model",
+    "remote_api_key_env": "remote_api_key_env",
+    "remote_price": "remote_price",
+    "route_header": "route_header",
+    "route_remote_model": "route_remote_models",
+    "route_keyword": "route_keywords",
+    "fallback_to_remote": "fallback_to_remote",
 }
 
 
@@ -99,6 +107,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     access.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (default 3 x max-num-seqs)")
     access.add_argument("--first-token-timeout-s", type=float, help="streams: end with a 504 error event (and abort upstream) if no token came in this long (default 120)")
     access.add_argument("--inter-token-timeout-s", type=float, help="streams: the same when the upstream goes silent this long between tokens (default 30)")
+    hybrid = parser.add_argument_group("hybrid routing: a remote OpenAI-compatible API beside the student")
+    hybrid.add_argument("--remote-url", metavar="URL", help="the remote's OpenAI-compatible root, e.g. https://api.deepseek.com (enables routing)")
+    hybrid.add_argument("--remote-model", metavar="NAME", help="model name sent to the remote (required with --remote-url)")
+    hybrid.add_argument("--remote-api-key-env", metavar="VAR", help="environment variable holding the remote's key (read at start, sent as Bearer, never shown)")
+    hybrid.add_argument("--remote-price", metavar="PRICE", help="remote's USD per 1M tokens: IN,OUT or one number, or an API price table name (default: --remote-model's entry)")
+    hybrid.add_argument("--route-header", metavar="NAME", help="request header choosing the route, local|remote (default X-Student-Route)")
+    hybrid.add_argument("--route-remote-model", metavar="NAME", action="append", help="a requested model name that means remote (repeatable; default 'remote'; --remote-model always does)")
+    hybrid.add_argument("--route-keyword", metavar="TEXT", action="append", help="a last user message containing TEXT goes remote (repeatable; default: tại sao, phân tích, so sánh)")
+    hybrid.add_argument("--fallback-to-remote", action=argparse.BooleanOptionalAction, default=None, help="send to the remote when local is not ready or at capacity (default on)")
     measuring = parser.add_argument_group("measuring and money")
     measuring.add_argument("--ledger", type=Path, help="SQLite ledger file (default ~/.local/share/student-serve/ledger.sqlite3)")
     measuring.add_argument("--power-source", choices=["auto", "nvml", "rapl", "none"], help="energy meter source (default auto: NVML, else RAPL)")
@@ -163,6 +180,8 @@ def serve(settings: Settings) -> int:
             _say(f"vLLM ready in {waited_s:.1f} s at {settings.upstream_base_url}")
         else:
             _say(f"fronting {len(settings.upstream_urls)} vLLM replica(s): {', '.join(settings.upstream_urls)}")
+        if settings.has_remote:
+            _say(_describe_routing(settings))
         _print_usage(settings)
         server = uvicorn.Server(_uvicorn_config(settings, supervisor))
         server.run()
@@ -237,6 +256,21 @@ def _print_usage(settings: Settings) -> None:
         f"  or:  OpenAI(base_url=\"{url}\", api_key=\"unused\")   health: /health  ready: /ready\n"
         f"  measured: http://{settings.host}:{settings.port}/dashboard  /stats  /metrics   "
         f"ledger: {settings.ledger_path} (student report)"
+    )
+
+
+def _describe_routing(settings: Settings) -> str:
+    """One line on hybrid routing, naming where the key comes from, never the key."""
+    price = settings.remote_api_price
+    rules = settings.routing_rules
+    key = f"key from ${settings.remote_api_key_env}" if settings.remote_api_key_env else "no key"
+    keywords = ", ".join(rules.keywords) or "none"
+    fallback = "on" if rules.fallback else "off"
+    return (
+        f"hybrid routing: remote {settings.remote_url} model '{settings.remote_model}' ({key}; "
+        f"${price.input_usd_per_mtok:g}/${price.output_usd_per_mtok:g} per 1M tokens in/out); "  # type: ignore[union-attr]
+        f"{rules.header}: local|remote, models {sorted(rules.remote_models)}, keywords: {keywords}; "
+        f"fallback to remote: {fallback}"
     )
 
 

@@ -5,19 +5,24 @@ Values come from `STUDENT_*` environment variables, overridden by command-line f
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.costs import DEFAULT_PRICE_PER_KWH_VND, DEFAULT_USD_RATE, ApiPrice, Tariff, default_api_prices
 from server.ledger import default_ledger_path
+from server.routing import DEFAULT_KEYWORDS, DEFAULT_ROUTE_HEADER, RoutingRules
 
 Device = Literal["auto", "cpu", "gpu"]
 PowerSourceChoice = Literal["auto", "nvml", "rapl", "none"]
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an HTTP token (RFC 9110 §5.1)
 
 
 def default_cache_dir() -> Path:
@@ -93,6 +98,23 @@ class Settings(BaseSettings):
     wall_power_factor: float = Field(1.0, ge=1.0, description="measured energy × this = estimate at the wall")
     api_prices: dict[str, ApiPrice] = Field(default_factory=default_api_prices)
 
+    # Hybrid routing (server/routing.py): an OpenAI-compatible remote beside the local student.
+    remote_url: str | None = Field(None, description="OpenAI-compatible root of the remote, e.g. https://api.deepseek.com")
+    remote_model: str | None = Field(None, description="the model name sent to the remote")
+    remote_api_key_env: str | None = Field(None, description="name of the environment variable holding the remote's key")
+    remote_price: str | None = Field(
+        None, description="remote's USD per 1M tokens: 'IN,OUT', one number for both, or an api_prices name"
+    )
+    route_header: str = Field(DEFAULT_ROUTE_HEADER, description="request header naming the route: local|remote")
+    route_remote_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["remote"], description="requested model names that mean remote (and remote_model)"
+    )
+    route_keywords: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_KEYWORDS), description="a last user message containing one goes remote"
+    )
+    fallback_to_remote: bool = Field(True, description="local not ready or at capacity: send to the remote instead")
+    _remote_api_key: SecretStr | None = PrivateAttr(None)  # read from `remote_api_key_env` once, at start-up
+
     @model_validator(mode="before")
     @classmethod
     def _accept_upstream_url(cls, data: Any) -> Any:
@@ -124,6 +146,81 @@ class Settings(BaseSettings):
             roots.append(root)
         return roots
 
+    @field_validator("remote_url")
+    @classmethod
+    def _remote_is_http(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"remote URL must look like https://host[/path], got {url!r}")
+        return url.rstrip("/").removesuffix("/v1")
+
+    @field_validator("route_remote_models", "route_keywords", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """From the environment: a JSON list, or comma-separated (empty: none)."""
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("route_header")
+    @classmethod
+    def _header_is_a_token(cls, name: str) -> str:
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"route header must be an HTTP header name, got {name!r}")
+        return name
+
+    @model_validator(mode="after")
+    def _remote_is_complete(self) -> Settings:
+        """A remote needs a model, a price and (when named) its key; read the key now, once."""
+        if self.remote_url is None:
+            given = [name for name in ("remote_model", "remote_api_key_env", "remote_price") if getattr(self, name)]
+            if given:
+                raise ValueError(f"{', '.join(given)} set but no remote_url (--remote-url / STUDENT_REMOTE_URL)")
+            return self
+        if not self.remote_model:
+            raise ValueError(
+                "remote_url needs remote_model (--remote-model / STUDENT_REMOTE_MODEL): the model name sent to the remote"
+            )
+        self._remote_price()  # fails now, not at the first remote request
+        if self.remote_api_key_env is not None:
+            key = os.environ.get(self.remote_api_key_env, "").strip()
+            if not key:
+                raise ValueError(
+                    f"remote_api_key_env (--remote-api-key-env / STUDENT_REMOTE_API_KEY_ENV) names "
+                    f"${self.remote_api_key_env}, which is not set or empty"
+                )
+            self._remote_api_key = SecretStr(key)
+        return self
+
+    def _remote_price(self) -> ApiPrice:
+        text = (self.remote_price or "").strip()
+        if not text:
+            if self.remote_model in self.api_prices:
+                return self.api_prices[self.remote_model]  # type: ignore[index]
+            raise ValueError(
+                f"remote_price (--remote-price / STUDENT_REMOTE_PRICE) is needed to account the remote's cost: "
+                f"USD per 1M tokens as 'IN,OUT' or one number, or one of {sorted(self.api_prices)}"
+            )
+        if text in self.api_prices:
+            return self.api_prices[text]
+        parts = [part.strip() for part in text.split(",")]
+        try:
+            numbers = [float(part) for part in parts]
+        except ValueError:
+            raise ValueError(
+                f"remote_price {text!r}: expected USD per 1M tokens ('IN,OUT' or one number) "
+                f"or one of {sorted(self.api_prices)}"
+            ) from None
+        if len(numbers) not in (1, 2) or any(not number >= 0 for number in numbers):
+            raise ValueError(f"remote_price {text!r}: one or two numbers >= 0 (USD per 1M input, output tokens)")
+        return ApiPrice(
+            input_usd_per_mtok=numbers[0], output_usd_per_mtok=numbers[-1], source=f"remote_price {text!r}"
+        )
+
     @model_validator(mode="after")
     def _ports_differ(self) -> Settings:
         if self.manages_vllm and self.port == self.vllm_port and self.host == self.vllm_host:
@@ -147,6 +244,28 @@ class Settings(BaseSettings):
         in_flight = self.max_in_flight if self.max_in_flight is not None else 2 * self.max_num_seqs
         queue = self.max_queue if self.max_queue is not None else 3 * self.max_num_seqs
         return in_flight, queue
+
+    @property
+    def has_remote(self) -> bool:
+        return self.remote_url is not None
+
+    @property
+    def remote_api_key(self) -> str | None:
+        """The remote's key, read from `$remote_api_key_env` when the settings were made."""
+        return None if self._remote_api_key is None else self._remote_api_key.get_secret_value()
+
+    @property
+    def remote_api_price(self) -> ApiPrice | None:
+        """The remote's price per 1M tokens (None without a remote)."""
+        return self._remote_price() if self.has_remote else None
+
+    @property
+    def routing_rules(self) -> RoutingRules:
+        """The rules of server/routing.py: the remote's model name means remote too, unless it is
+        also the name the student is served under (a request for that name is the student's)."""
+        models = {*self.route_remote_models, *([self.remote_model] if self.remote_model else [])}
+        models.discard(self.served_model_name)
+        return RoutingRules.of(self.route_header, models, self.route_keywords, self.fallback_to_remote)
 
     @property
     def tariff(self) -> Tariff:

@@ -39,6 +39,40 @@ class FinishedRequest:
     energy_j: float | None
     api_cost_usd: Mapping[str, float]
     upstream: str = ""  # the replica's base URL, or "gateway" when the gateway refused it
+    routed_to: str = "local"  # hybrid routing: "local" or "remote"
+    route_reason: str | None = None
+    remote_cost_usd: float | None = None  # remote requests: tokens × the remote's price
+
+
+@dataclass
+class RouteTally:
+    """One route's finished requests: counts, tokens, its own cost, and why they went there."""
+
+    total: int = 0
+    ok: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    energy_j: float | None = None  # attributed to its requests; None while none was measured
+    remote_cost_usd: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def add(self, request: FinishedRequest) -> None:
+        self.total += 1
+        self.ok += request.ok
+        self.prompt_tokens += request.prompt_tokens
+        self.completion_tokens += request.completion_tokens
+        if request.energy_j is not None:
+            self.energy_j = (self.energy_j or 0.0) + request.energy_j
+        self.remote_cost_usd += request.remote_cost_usd or 0.0
+        if request.route_reason is not None:
+            self.reasons[request.route_reason] = self.reasons.get(request.route_reason, 0) + 1
+
+    @staticmethod
+    def of(requests: Iterable[FinishedRequest]) -> dict[str, RouteTally]:
+        tallies: dict[str, RouteTally] = {}
+        for request in requests:
+            tallies.setdefault(request.routed_to, RouteTally()).add(request)
+        return tallies
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +117,7 @@ class StatsBook:
     completion_tokens: int = 0
     api_cost_usd: dict[str, float] = field(default_factory=dict)
     by_upstream: dict[str, list[int]] = field(default_factory=dict)  # upstream -> [total, ok]
+    by_route: dict[str, RouteTally] = field(default_factory=dict)  # "local" / "remote" -> its tally
     _recent: deque[FinishedRequest] = field(init=False)
     _energy: deque[tuple[float, EnergyTotals]] = field(default_factory=deque)
     _energy_trimmed: bool = False
@@ -102,6 +137,10 @@ class StatsBook:
             counts = self.by_upstream[request.upstream] = [0, 0]
         counts[0] += 1
         counts[1] += request.ok
+        tally = self.by_route.get(request.routed_to)
+        if tally is None:
+            tally = self.by_route[request.routed_to] = RouteTally()
+        tally.add(request)
         self._recent.append(request)
 
     def note_energy(self, now_s: float, totals: EnergyTotals) -> None:
@@ -160,6 +199,7 @@ class StatsInputs:
     upstream: dict[str, Any]
     power_limit_w: float | None = None
     replicas: Sequence[Mapping[str, Any]] = ()
+    remote: Mapping[str, Any] | None = None  # the remote upstream (url, model, price), when one is configured
 
 
 def build_stats(book: StatsBook, inputs: StatsInputs, window_s: float | None, now_s: float) -> dict[str, Any]:
@@ -171,6 +211,7 @@ def build_stats(book: StatsBook, inputs: StatsInputs, window_s: float | None, no
         counts = {"total": book.total, "ok": book.ok, "error": book.total - book.ok}
         tokens = {"prompt": book.prompt_tokens, "completion": book.completion_tokens}
         api_cost = dict(book.api_cost_usd)
+        tallies = book.by_route
     else:
         ok = sum(request.ok for request in requests)
         counts = {"total": len(requests), "ok": ok, "error": len(requests) - ok}
@@ -179,6 +220,8 @@ def build_stats(book: StatsBook, inputs: StatsInputs, window_s: float | None, no
             "completion": sum(r.completion_tokens for r in requests),
         }
         api_cost = {name: sum(r.api_cost_usd.get(name, 0.0) for r in requests) for name in inputs.api_prices}
+        tallies = RouteTally.of(requests)
+    remote_usd = sum(tally.remote_cost_usd for tally in tallies.values())
     successful = [request for request in requests if request.ok]
     energy = _energy_block(book, inputs, window_s, now_s - span_s)
     upstream = dict(inputs.upstream)
@@ -199,7 +242,8 @@ def build_stats(book: StatsBook, inputs: StatsInputs, window_s: float | None, no
             "e2e": percentiles(r.e2e_ms for r in successful),
         },
         "energy": energy,
-        "cost": _cost_block(inputs, energy, requests, counts["total"], span_s, api_cost),
+        "cost": _cost_block(inputs, energy, requests, counts["total"], span_s, api_cost, remote_usd),
+        "routes": _routes_block(tallies, inputs),
         "upstream": upstream,
         "upstreams": _upstreams_block(book, inputs.replicas, loads, requests, window_s),
     }
@@ -237,6 +281,30 @@ def _upstreams_block(
                 "vllm": vllm.get(url),
             }
         )
+    return block
+
+
+def _routes_block(tallies: Mapping[str, RouteTally], inputs: StatsInputs) -> dict[str, Any]:
+    """Per route (`local` always; `remote` when configured or seen): requests, tokens, why, and
+    the route's own cost: local the electricity of the energy attributed to its requests (idle
+    not included: see `cost` for that), remote its tokens × the remote's price."""
+    names = ["local", *(["remote"] if inputs.remote is not None else []), *sorted(tallies)]
+    tariff = inputs.tariff
+    block: dict[str, Any] = {}
+    for name in dict.fromkeys(names):
+        tally = tallies.get(name) or RouteTally()
+        entry: dict[str, Any] = {
+            "requests": {"total": tally.total, "ok": tally.ok, "error": tally.total - tally.ok},
+            "tokens": {"prompt": tally.prompt_tokens, "completion": tally.completion_tokens},
+            "reasons": dict(sorted(tally.reasons.items())),
+        }
+        if name == "remote":
+            entry = {**(inputs.remote or {}), **entry, "cost": {"usd": tally.remote_cost_usd}}
+        else:
+            electricity = tariff.energy_cost(tally.energy_j)
+            entry["energy_j"] = tally.energy_j
+            entry["cost"] = {"currency": tariff.currency, "electricity": electricity, "usd": tariff.to_usd(electricity)}
+        block[name] = entry
     return block
 
 
@@ -281,7 +349,10 @@ def _cost_block(
     request_count: int,
     span_s: float,
     api_cost: dict[str, float],
+    remote_usd: float = 0.0,
 ) -> dict[str, Any]:
+    """Electricity (idle included), what was paid to the remote, and each hosted API's price for
+    all the tokens: its saving is that price minus electricity minus the remote's cost."""
     tariff = inputs.tariff
     electricity = tariff.energy_cost(energy["total_j"])
     electricity_usd = tariff.to_usd(electricity)
@@ -290,6 +361,9 @@ def _cost_block(
     requests_per_day = request_count / span_s * SECONDS_PER_DAY if span_s > 0 else 0.0
     month = projected_month(energy["idle_w"], energy_per_request_j, requests_per_day, tariff, DAYS_PER_MONTH)
     month_usd = tariff.to_usd(month)
+    month_remote_usd = (remote_usd / request_count if request_count else 0.0) * requests_per_day * DAYS_PER_MONTH
+    spent_usd = None if electricity_usd is None else electricity_usd + remote_usd
+    month_spent_usd = None if month_usd is None else month_usd + month_remote_usd
     return {
         "currency": tariff.currency,
         "price_per_kwh": tariff.price_per_kwh,
@@ -301,8 +375,10 @@ def _cost_block(
         "requests_per_day": requests_per_day,
         "projected_month": month,
         "projected_month_usd": month_usd,
+        "remote_usd": remote_usd,
+        "projected_month_remote_usd": month_remote_usd,
         "api_equivalent": {
-            name: _api_block(api_cost.get(name, 0.0), request_count, requests_per_day, electricity_usd, month_usd)
+            name: _api_block(api_cost.get(name, 0.0), request_count, requests_per_day, spent_usd, month_spent_usd)
             for name in inputs.api_prices
         },
     }
@@ -312,15 +388,16 @@ def _api_block(
     cost_usd: float,
     request_count: int,
     requests_per_day: float,
-    electricity_usd: float | None,
-    month_electricity_usd: float | None,
+    spent_usd: float | None,
+    month_spent_usd: float | None,
 ) -> dict[str, float | None]:
-    """An API's cost for the same tokens, its month at the observed rate, and the savings (USD)."""
+    """An API's cost for the same tokens, its month at the observed rate, and the savings (USD)
+    against what was spent: electricity plus the remote's cost."""
     per_request_usd = cost_usd / request_count if request_count else 0.0
     month_usd = per_request_usd * requests_per_day * DAYS_PER_MONTH
     return {
         "cost_usd": cost_usd,
-        "saving_usd": None if electricity_usd is None else cost_usd - electricity_usd,
+        "saving_usd": None if spent_usd is None else cost_usd - spent_usd,
         "projected_month_usd": month_usd,
-        "projected_month_saving_usd": None if month_electricity_usd is None else month_usd - month_electricity_usd,
+        "projected_month_saving_usd": None if month_spent_usd is None else month_usd - month_spent_usd,
     }

@@ -32,6 +32,8 @@ class RequestRecord:
     stream: bool
     model: str | None = None
     key_name: str | None = None
+    routed_to: str = "local"  # "local" (the student) or "remote" (server/routing.py)
+    route_reason: str | None = None  # why (None: no routing, or refused before it)
     request_id: int = field(default_factory=lambda: next(_request_ids))
     started_s: float = field(default_factory=time.monotonic)
     first_token_s: float | None = None
@@ -236,8 +238,9 @@ def describe(record: RequestRecord) -> str:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
 
+    routed = "" if record.routed_to == "local" else f" routed_to={record.routed_to}"
     return (
-        f"{record.route} status={record.status} stream={int(record.stream)} "
+        f"{record.route}{routed} status={record.status} stream={int(record.stream)} "
         f"prompt_tokens={record.prompt_tokens} completion_tokens={record.completion_tokens} "
         f"ttft_ms={ms(record.ttft_ms)} tpot_ms={ms(record.tpot_ms)} e2e_ms={ms(record.e2e_ms)}"
     )

@@ -7,8 +7,12 @@ import threading
 import time
 from pathlib import Path
 
+import asyncio
+
 from openai import OpenAI, RateLimitError
 
+from server.admission import AdmissionMiddleware, Slots
+from server.routing import SCOPE_KEY, RouteDecision
 from tests.support import Stack, http_get, post_json, start_stack, wait_for
 
 # About 5 s on an idle box (1,500 tokens took 2 s): long enough for the test to line up three.
@@ -59,3 +63,44 @@ def answering(gateway: Stack) -> int:
     """Requests the gateway has admitted and sent upstream (its /stats `requests.in_flight`)."""
     status, body = http_get(f"{gateway.url}/stats")
     return json.loads(body)["requests"]["in_flight"] if status == 200 else 0
+
+
+def test_slots_say_when_the_next_request_would_be_refused_and_remote_requests_take_none() -> None:
+    """In-process: what hybrid routing asks (`Slots.full`) before the middleware would refuse."""
+
+    async def answer(scope, receive, send) -> None:  # noqa: ANN001  a slow ASGI app
+        await asyncio.sleep(0.2)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def scenario() -> tuple[list[bool], list[int]]:
+        slots = Slots(max_in_flight=1, max_queue=1)
+        middleware = AdmissionMiddleware(answer, slots, bypass=lambda scope: SCOPE_KEY in scope["state"])
+        full: list[bool] = []
+
+        async def call(remote: bool = False) -> int:
+            sent: list[dict] = []
+            state = {SCOPE_KEY: RouteDecision("remote", "header")} if remote else {}
+            scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "state": state}
+
+            async def send(message: dict) -> None:
+                sent.append(message)
+
+            async def receive() -> dict:
+                return {"type": "http.request", "body": b""}
+
+            await middleware(scope, receive, send)
+            return sent[0]["status"]
+
+        first = asyncio.ensure_future(call())
+        await asyncio.sleep(0)
+        full.append(slots.full)  # one answering, nobody waiting: one more may wait
+        second = asyncio.ensure_future(call())
+        await asyncio.sleep(0)
+        full.append(slots.full)  # answering and waiting: the next would be refused
+        statuses = await asyncio.gather(call(), call(remote=True), first, second)
+        return full, [*statuses, slots.rejected]
+
+    full, statuses = asyncio.run(scenario())
+    assert full == [False, True]
+    assert statuses == [429, 200, 200, 200, 1]  # refused, remote (no slot), the two admitted; one rejection

@@ -215,6 +215,7 @@ def test_no_column_can_hold_prompt_or_answer_text(ledger: Ledger) -> None:
     assert set(columns["requests"]) == {
         "id", "finished_at", "route", "upstream", "model", "stream", "status", "prompt_tokens", "completion_tokens",
         "ttft_ms", "tpot_ms", "e2e_ms", "energy_j", "electricity_cost", "currency", "api_cost_usd", "key_name",
+        "routed_to", "route_reason", "remote_cost_usd",
     }  # fmt: skip
     for name in columns["requests"] + columns["energy"]:
         assert not any(word in name for word in ("message", "content", "text", "answer", "body")), name
@@ -226,6 +227,10 @@ VERSION_1_REQUESTS = """CREATE TABLE requests (
     stream INTEGER NOT NULL, status INTEGER NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER,
     ttft_ms REAL, tpot_ms REAL, e2e_ms REAL NOT NULL, energy_j REAL, electricity_cost REAL, currency TEXT NOT NULL,
     api_cost_usd TEXT NOT NULL)"""
+ENERGY_TABLE = """CREATE TABLE energy (
+    id INTEGER PRIMARY KEY, started_at REAL NOT NULL, ended_at REAL NOT NULL, status TEXT NOT NULL,
+    source TEXT NOT NULL, reason TEXT NOT NULL, total_j REAL, idle_j REAL, attributed_j REAL, unattributed_j REAL,
+    electricity_cost REAL, electricity_cost_usd REAL, currency TEXT NOT NULL)"""
 
 
 def test_a_version_1_ledger_is_read_as_it_is_and_migrated_when_a_gateway_opens_it(tmp_path: Path) -> None:
@@ -238,13 +243,64 @@ def test_a_version_1_ledger_is_read_as_it_is_and_migrated_when_a_gateway_opens_i
         )
         conn.execute("PRAGMA user_version = 1")
     assert [row.key_name for row in read_requests(path)] == [None]  # `student report` never changes a ledger
+    assert [row.routed_to for row in read_requests(path)] == ["local"]
     ledger = Ledger(path)
     ledger.add_request(request_row(1_750_000_001.0, key_name="shop"))
     ledger.close()
     assert [row.key_name for row in read_requests(path)] == [None, "shop"]
     with closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     Ledger(path).close()  # migrated once: opening it again changes nothing
+
+
+def test_a_version_2_ledger_gets_the_route_columns_its_rows_were_local(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(VERSION_1_REQUESTS)
+        conn.execute("ALTER TABLE requests ADD COLUMN key_name TEXT")  # what version 2 added
+        conn.execute(ENERGY_TABLE)
+        conn.execute(
+            "INSERT INTO requests (finished_at, route, upstream, stream, status, prompt_tokens, completion_tokens,"
+            " e2e_ms, energy_j, electricity_cost, currency, api_cost_usd, key_name) VALUES (1750000000.0,"
+            " '/v1/chat/completions', 'http://u', 0, 200, 10, 5, 42.0, 3.6, 0.003, 'VND', '{}', 'shop')"
+        )
+        conn.execute("PRAGMA user_version = 2")
+    (old,) = read_requests(path)  # read as it is, not migrated
+    assert (old.key_name, old.routed_to, old.route_reason, old.remote_cost_usd) == ("shop", "local", None, None)
+    (day,) = daily_summary(path, 0.0, SAIGON)
+    assert set(day.routes) == {"local"} and day.routes["local"].electricity_cost == {"VND": 0.003}
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+
+    ledger = Ledger(path)
+    remote = request_row(
+        1_750_000_001.0, upstream="https://api.example", energy_j=None, electricity_cost=None,
+        routed_to="remote", route_reason="keyword:tại sao", remote_cost_usd=0.00125,
+    )  # fmt: skip
+    ledger.add_request(remote)
+    ledger.close()
+    assert read_requests(path) == [old, remote]
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("SELECT routed_to FROM requests ORDER BY id").fetchall() == [("local",), ("remote",)]
+
+
+def test_days_are_split_by_route_with_each_routes_own_cost(ledger: Ledger) -> None:
+    base = 1_750_000_000.0  # 22:06 in Saigon; all rows below fall on that day
+    ledger.add_request(request_row(base, electricity_cost=0.5, routed_to="local", route_reason="default"))
+    ledger.add_request(request_row(base + 1, energy_j=None, electricity_cost=None, status=503))
+    for offset, cost in ((2, 0.25), (3, 0.125)):
+        ledger.add_request(
+            request_row(base + offset, energy_j=None, electricity_cost=None, prompt_tokens=100, completion_tokens=50,
+                        routed_to="remote", route_reason="model", remote_cost_usd=cost)
+        )  # fmt: skip
+    (day,) = daily_summary(ledger.path, 0.0, SAIGON)
+    local, remote = day.routes["local"], day.routes["remote"]
+    assert (local.requests, local.errors, local.prompt_tokens, local.completion_tokens) == (2, 1, 240, 60)
+    assert local.electricity_cost == {"VND": 0.5} and local.remote_cost_usd == 0.0
+    assert (remote.requests, remote.errors, remote.prompt_tokens, remote.completion_tokens) == (2, 0, 200, 100)
+    assert remote.electricity_cost == {} and remote.remote_cost_usd == 0.375
+    assert day.remote_cost_usd == 0.375 and day.requests == local.requests + remote.requests
 
 
 def test_missing_ledger_is_a_clear_error_and_is_not_created(tmp_path: Path) -> None:

@@ -260,3 +260,22 @@ def test_requests_are_labelled_by_replica_and_the_gateways_own_refusals(metrics:
     assert value(samples, "student_requests_total", route=CHAT[0], upstream="gateway", status="400") == 1
     upstreams = {s.labels["upstream"] for s in samples if s.name == "student_requests_total"}
     assert upstreams == {"http://gpu1:8001", "http://gpu2:8001", "gateway"}
+
+
+def test_routes_are_counted_with_their_reason_tokens_and_cost(metrics: GatewayMetrics) -> None:
+    local = record(200, energy_j=4.0)
+    local.route_reason = "default"
+    remote = record(200, upstream="https://api.example", prompt=1000, completion=500)
+    remote.routed_to, remote.route_reason = "remote", "keyword:tại sao"
+    metrics.observe(local, 0.0001)
+    metrics.observe(remote, 0.006)
+    metrics.observe(remote, 0.006)
+    metrics.observe(record(200), None)  # energy not measured: no cost, still counted
+    samples = scrape(metrics)
+    assert value(samples, "student_routed_requests_total", routed_to="local", reason="default") == 1
+    assert value(samples, "student_routed_requests_total", routed_to="local", reason="none") == 1
+    assert value(samples, "student_routed_requests_total", routed_to="remote", reason="keyword:tại sao") == 2
+    assert value(samples, "student_routed_tokens_total", routed_to="remote", kind="prompt") == 2000
+    assert value(samples, "student_routed_tokens_total", routed_to="remote", kind="completion") == 1000
+    assert value(samples, "student_route_cost_usd_total", routed_to="remote") == pytest.approx(0.012)
+    assert value(samples, "student_route_cost_usd_total", routed_to="local") == pytest.approx(0.0001)

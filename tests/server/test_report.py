@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -243,3 +244,58 @@ def test_parse_since_rejects_absurd_windows() -> None:
     assert parse_since("36500d") == timedelta(days=36_500)
     with pytest.raises(ValueError, match="at most 36500d"):
         parse_since("99999999999d")
+
+
+# --- hybrid routing -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hybrid_ledger(tmp_path: Path) -> Path:
+    """DAY3: two requests answered locally, two by the remote API ($0.25 each), energy measured."""
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path)
+    for hour in (9, 10):
+        local = _request(_at(DAY3, hour), 200, 100, 10, gpt=0.25, deepseek=0.125)
+        ledger.add_request(replace(local, routed_to="local", route_reason="default"))
+        remote = _request(_at(DAY3, hour, 30), 200, 100, 10, gpt=1.0, deepseek=0.5)
+        ledger.add_request(
+            replace(remote, upstream="https://api.example", energy_j=None, electricity_cost=None, routed_to="remote",
+                    route_reason="keyword:tại sao", remote_cost_usd=0.25)
+        )  # fmt: skip
+    ledger.add_energy(_energy(_at(DAY3, 13), 3.6e6, cost=3000.0, cost_usd=0.125))  # 24,000 VND per USD
+    ledger.close()
+    return path
+
+
+def test_each_route_has_its_requests_tokens_and_own_cost(hybrid_ledger: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = _report(hybrid_ledger, capsys, "--since", "7d", "--json")
+    (day,) = json.loads(out)["days"]
+    local, remote = day["routes"]["local"], day["routes"]["remote"]
+    assert (local["requests"], local["prompt_tokens"], local["completion_tokens"]) == (2, 200, 20)
+    assert local["electricity_cost"] == pytest.approx(0.002)  # attributed to its requests, idle not included
+    assert local["cost_usd"] == pytest.approx(0.002 / 24_000)  # at the rate stored with the day's energy
+    assert (remote["requests"], remote["electricity_cost"], remote["cost_usd"]) == (2, None, 0.5)
+    assert day["remote_cost_usd"] == 0.5
+    # The same tokens on GPT-4.1 ($2.50) against what was spent: electricity $0.125 and the remote $0.50.
+    assert day["saving_usd"]["gpt-4.1"] == pytest.approx(2.5 - 0.125 - 0.5)
+    assert json.loads(out)["total"]["routes"]["remote"]["cost_usd"] == 0.5
+
+    _, out, _ = _report(hybrid_ledger, capsys, "--since", "7d")
+    lines = out.splitlines()
+    assert "saving = API cost − electricity − remote" in out and "By route" in out
+    rows = [line.split() for line in lines if line.split()[:2] in ([DAY3.isoformat(), "remote"], ["TOTAL", "remote"])]
+    # One column, one number of decimals: enough for the local route's tiny cost in USD.
+    expected = ["remote", "2", "0", "200", "20", "-", "0.500000"]
+    assert rows == [[DAY3.isoformat(), *expected], ["TOTAL", *expected]]
+
+    _, out, _ = _report(hybrid_ledger, capsys, "--since", "7d", "--csv", "-")
+    (row,) = csv.DictReader(io.StringIO(out))
+    assert (row["local_requests"], row["remote_requests"], float(row["remote_cost_usd"])) == ("2", "2", 0.5)
+    assert float(row["local_cost_usd"]) == pytest.approx(0.002 / 24_000)
+
+
+def test_without_a_remote_there_is_no_route_table(ledger_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = _report(ledger_path, capsys, "--since", "30d")
+    assert "By route" not in out and "− remote" not in out
+    _, out, _ = _report(ledger_path, capsys, "--since", "30d", "--json")
+    assert list(json.loads(out)["total"]["routes"]) == ["local"]

@@ -389,3 +389,49 @@ def test_replica_counts_in_a_window_and_all_time_after_retention_dropped_request
 def test_without_replicas_the_block_is_empty_and_upstream_unchanged() -> None:
     stats = build_stats(replicas_book(), inputs(unavailable()), None, 1000.0)
     assert stats["upstreams"] == [] and stats["upstream"] == {"running": 1}
+
+
+# --- hybrid routing: per route ----------------------------------------------------------
+
+
+def test_routes_have_their_own_counts_tokens_reasons_and_cost() -> None:
+    book = StatsBook(started_s=0.0)
+    book.add(replace(finished(100.0, prompt=100, completion=50, energy=30.0), route_reason="default"))
+    book.add(replace(finished(200.0, prompt=10, completion=0, energy=None, ok=False), route_reason="header"))
+    for at_s, reason in ((300.0, "keyword:tại sao"), (400.0, "keyword:tại sao"), (700.0, "fallback:capacity")):
+        remote_usd = (1000 * 2.0 + 500 * 8.0) / 1e6
+        book.add(
+            replace(finished(at_s, prompt=1000, completion=500), routed_to="remote", route_reason=reason,
+                    remote_cost_usd=remote_usd)
+        )  # fmt: skip
+    remote_view = {"url": "https://api.example", "model": "deepseek-chat", "price": {"input_usd_per_mtok": 2.0}}
+    stats = build_stats(
+        book, replace(inputs(ok_snapshot(10_000.0, 3000.0, 6500.0, 500.0)), remote=remote_view), None, 1000.0
+    )
+    local, remote = stats["routes"]["local"], stats["routes"]["remote"]
+    assert local["requests"] == {"total": 2, "ok": 1, "error": 1} and local["tokens"] == {"prompt": 110, "completion": 50}
+    assert local["reasons"] == {"default": 1, "header": 1}
+    assert local["energy_j"] == 30.0
+    assert local["cost"] == pytest.approx({"currency": "VND", "electricity": vnd(30.0), "usd": vnd(30.0) / 25_000})
+    assert remote["url"] == "https://api.example" and remote["model"] == "deepseek-chat"
+    assert remote["requests"] == {"total": 3, "ok": 3, "error": 0}
+    assert remote["reasons"] == {"fallback:capacity": 1, "keyword:tại sao": 2}
+    assert remote["cost"]["usd"] == pytest.approx(3 * 0.006)
+    # All the tokens priced on an API, minus what was spent: electricity (idle included) and the remote.
+    cost = stats["cost"]
+    assert cost["remote_usd"] == pytest.approx(0.018)
+    big = cost["api_equivalent"]["big"]
+    assert big["saving_usd"] == pytest.approx(big["cost_usd"] - cost["electricity_usd"] - 0.018)
+    assert cost["projected_month_remote_usd"] == pytest.approx(0.018 / 5 * cost["requests_per_day"] * 30)
+
+    window = build_stats(book, inputs(unavailable()), 350.0, 1000.0)["routes"]  # from 650 s: one remote request
+    assert window["remote"]["requests"]["total"] == 1 and window["remote"]["cost"]["usd"] == pytest.approx(0.006)
+    assert window["local"]["requests"]["total"] == 0 and window["local"]["cost"]["electricity"] is None
+
+
+def test_without_a_remote_only_the_local_route_is_shown() -> None:
+    book = StatsBook(started_s=0.0)
+    book.add(finished(100.0, energy=None))
+    stats = build_stats(book, inputs(unavailable()), None, 1000.0)
+    assert list(stats["routes"]) == ["local"] and stats["routes"]["local"]["reasons"] == {}
+    assert stats["routes"]["local"]["energy_j"] is None and stats["cost"]["remote_usd"] == 0.0
