@@ -9,7 +9,9 @@ builds the demo student's adapter. This module adds the command around it:
   exist in the base, `--out` is new or empty (or `--force`);
 - `reasoning` fields (written by `student distill` for `cot` samples) are put in front of the last
   assistant answer as `<think>\\n…\\n</think>\\n\\n` unless that answer already has `<think>`, so the
-  student learns the reasoning as well as the answer (`--reasoning drop` keeps answers only);
+  student learns the reasoning as well as the answer; `--reasoning drop` keeps answers only: the
+  field is ignored and every `<think>…</think>` block (with the whitespace after it) is cut out of
+  the assistant turns, where `student distill` already wrote it for `cot` samples;
 - validation loss before and after training when `--validation` is given: mean cross-entropy per
   assistant token in nats (`models.train.evaluate_loss`);
 - the output directory, written atomically (a staging directory renamed into place), holds the
@@ -30,6 +32,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -67,6 +70,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ReasoningMode = Literal["inline", "drop"]
 CUBLAS_DETERMINISM = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 
 
 class TrainLoraError(Exception):
@@ -147,6 +151,17 @@ def with_reasoning(sample: ChatSample, reasoning: object) -> tuple[ChatSample, b
     return replace(sample, messages=tuple(messages)), True
 
 
+def without_reasoning(sample: ChatSample) -> tuple[ChatSample, bool]:
+    """Cut every `<think>…</think>` block (and the whitespace after it) out of the assistant turns."""
+    messages = tuple(
+        Message(message.role, THINK_BLOCK.sub("", message.content)) if message.role == "assistant" else message
+        for message in sample.messages
+    )
+    if messages == sample.messages:
+        return sample, False
+    return replace(sample, messages=messages), True
+
+
 def template_drops_reasoning(tokenizer: PreTrainedTokenizerBase, samples: Sequence[ChatSample]) -> bool:
     """True when the chat template renders the first answer holding `<think>` without it.
 
@@ -162,13 +177,18 @@ def template_drops_reasoning(tokenizer: PreTrainedTokenizerBase, samples: Sequen
 
 
 def load_samples(path: Path, reasoning: ReasoningMode) -> tuple[list[ChatSample], int]:
-    """The chats of `path` (validated by `load_chat_jsonl`) and how many got their reasoning inlined."""
+    """The chats of `path` (validated by `load_chat_jsonl`) and how many `reasoning` changed.
+
+    `inline`: the samples that got their `reasoning` field put into the answer; `drop`: the samples
+    that had `<think>…</think>` cut out of an assistant turn.
+    """
     samples = load_chat_jsonl(path)
     if reasoning == "drop":
-        return samples, 0
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-    inlined = [with_reasoning(sample, row.get("reasoning")) for sample, row in zip(samples, rows)]
-    return [sample for sample, _ in inlined], sum(changed for _, changed in inlined)
+        changed = [without_reasoning(sample) for sample in samples]
+    else:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+        changed = [with_reasoning(sample, row.get("reasoning")) for sample, row in zip(samples, rows)]
+    return [sample for sample, _ in changed], sum(was_changed for _, was_changed in changed)
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
@@ -294,10 +314,12 @@ def _train_lora(
     except MergeError as error:
         raise TrainLoraError(str(error)) from None
     tokenizer = load_tokenizer(base_dir)
-    samples, inlined = load_samples(data_path, reasoning)
+    samples, changed = load_samples(data_path, reasoning)
     validation, _ = (None, 0) if validation_path is None else load_samples(validation_path, reasoning)
-    if inlined:
-        progress(f"put the \"reasoning\" field into the answer of {inlined} samples")
+    if changed and reasoning == "inline":
+        progress(f"put the \"reasoning\" field into the answer of {changed} samples")
+    elif changed:
+        progress(f"cut <think>…</think> out of the answers of {changed} samples (--reasoning drop)")
     if template_drops_reasoning(tokenizer, samples):
         progress(
             "warning: the base's chat template leaves <think>…</think> out of assistant turns, so the "
@@ -339,7 +361,11 @@ def _train_lora(
         "base": str(base_dir),
         "data": _file_record(data_path, len(samples)),
         "validation": None if validation is None else _file_record(validation_path, len(validation)),
-        "reasoning": {"mode": reasoning, "inlined_samples": inlined},
+        "reasoning": {
+            "mode": reasoning,
+            "inlined_samples": changed if reasoning == "inline" else 0,
+            "dropped_samples": changed if reasoning == "drop" else 0,
+        },
         "lora": {**asdict(lora), "target_modules": list(lora.target_modules)},
         "config": asdict(config),
         "device": torch_device.type,
@@ -437,7 +463,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reasoning",
         choices=("inline", "drop"),
         default="inline",
-        help='a row\'s "reasoning" field: put it in the answer as <think>…</think> (default), or drop it',
+        help='a row\'s "reasoning" field: put it in the answer as <think>…</think> (default), or drop it '
+        "and cut <think>…</think> out of the answers (train answers only)",
     )
     add("--force", action="store_true", help="replace --out if it already has files")
 

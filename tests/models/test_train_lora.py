@@ -24,6 +24,8 @@ from models.train import (
     evaluate_loss,
     load_chat_jsonl,
 )
+from models.distill import PlannedSample, sample_row
+from models.teacher import ChatReply
 from models.train_lora import TRAINING_RECORD, LoraSettings, TrainLoraResult
 from server import cli
 from tests.models.helpers import chat_ids, logits_of
@@ -276,16 +278,65 @@ def test_reasoning_field_goes_in_front_of_the_answer_unless_it_is_there(tmp_path
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
     inline, inlined = train_lora.load_samples(path, "inline")
-    dropped, none = train_lora.load_samples(path, "drop")
+    dropped, dropped_count = train_lora.load_samples(path, "drop")
 
-    assert inlined == 1 and none == 0
+    assert inlined == 1 and dropped_count == 1  # drop cuts the <think> already in the second answer
     expected = "<think>\nQuá hạn thanh toán.\n</think>\n\nĐơn bị hủy vì quá hạn."
     assert inline[0].messages[-1].content == expected
-    assert inline[1:] == dropped[1:] and dropped[0].messages[-1].content == "Đơn bị hủy vì quá hạn."
+    assert inline[2:] == dropped[2:] and dropped[0].messages[-1].content == "Đơn bị hủy vì quá hạn."
+    assert inline[1].messages[-1].content == "<think>Đã có.</think>\n\nĐơn bị hủy."
+    assert dropped[1].messages[-1].content == "Đơn bị hủy."
 
 
 def _messages(answer: str) -> dict[str, object]:
     return {"messages": cot_chat(answer).as_dicts()}
+
+
+def test_drop_trains_answers_only_on_cot_rows_as_distill_writes_them(
+    tiny_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    replies = [
+        ("<think>\nQuá hạn thanh toán.\n</think>\n\nĐơn bị hủy vì quá hạn.", None),  # <think> in content
+        ("Đơn bị hủy do hết hàng.", "Kho báo hết."),  # the server's reasoning_content
+        ("Dạ, shop kiểm tra giúp bạn.", None),  # no reasoning: kept, flagged
+    ]
+    prefix = cot_chat("").as_dicts()[:-1]
+    rows = [
+        sample_row(
+            PlannedSample(f"cot/huy-don/{index:04d}", "cot", "hủy đơn", "huy-don", index),
+            prefix,
+            ChatReply(content, reasoning, "stop", 9, 9, 1),
+        )
+        for index, (content, reasoning) in enumerate(replies)
+    ]
+    assert [row["missing_reasoning"] for row in rows] == [False, False, True]
+    reasoned = rows[1]["messages"][-1]["content"]
+    assert reasoned == "<think>\nKho báo hết.\n</think>\n\nĐơn bị hủy do hết hàng."
+    path = tmp_path / "cot.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows * 4), encoding="utf-8")
+
+    dropped, changed = train_lora.load_samples(path, "drop")
+    assert changed == 8
+    assert [sample.messages[-1].content for sample in dropped[:3]] == [
+        "Đơn bị hủy vì quá hạn.", "Đơn bị hủy do hết hàng.", "Dạ, shop kiểm tra giúp bạn.",
+    ]  # fmt: skip
+    assert [sample.messages[:-1] for sample in dropped[:3]] == [cot_chat("").messages[:-1]] * 3
+    two_turns = ChatSample(
+        (Message("user", "A?"), Message("assistant", "<think>x</think>Một."), Message("user", "B?"),
+         Message("assistant", "Hai <think>\ny\n</think>\n\nba."))
+    )  # fmt: skip
+    stripped, was_changed = train_lora.without_reasoning(two_turns)
+    assert was_changed and [m.content for m in stripped.messages] == ["A?", "Một.", "B?", "Hai ba."]
+    assert train_lora.without_reasoning(cot_chat("Không suy luận.")) == (cot_chat("Không suy luận."), False)
+
+    out_dir = tmp_path / "adapter"
+    argv = ["--base", str(tiny_base), "--data", str(path), "--validation", str(path), "--out", str(out_dir)]
+    argv += ["--reasoning", "drop", "--steps", "1", "--device", "cpu", "--max-length", "128"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert "cut <think>…</think> out of the answers of 8 samples (--reasoning drop)" in err
+    record = json.loads((out_dir / TRAINING_RECORD).read_text(encoding="utf-8"))
+    assert record["reasoning"] == {"mode": "drop", "inlined_samples": 0, "dropped_samples": 8}
 
 
 def test_a_template_that_cuts_the_reasoning_out_is_detected(small_tokenizer: PreTrainedTokenizerFast) -> None:
