@@ -69,6 +69,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from models.arguments import non_negative_float, non_negative_int, positive_float, positive_int
 from models.teacher import (
     ChatReply,
     Price,
@@ -1098,34 +1099,6 @@ async def _preflight(teacher: TeacherClient) -> None:
 # Command line
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0 (got {value})")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (got {text})")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
 def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -1176,13 +1149,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     teacher.add_argument(
         "--input-usd-per-mtok",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=0.0,
         help="teacher's price per million prompt tokens, USD, for the manifest's cost (default: 0)",
     )
     teacher.add_argument(
         "--output-usd-per-mtok",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=0.0,
         help="teacher's price per million completion tokens, USD (default: 0)",
     )
@@ -1195,7 +1168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     inputs.add_argument(
         "--questions-per-topic",
-        type=_positive_int,
+        type=positive_int,
         default=150,
         help="response/cot: samples per topic (default: %(default)s; the 7 bundled topics x 150 = 1,050, "
         "over the article's 1,000 per task)",
@@ -1211,7 +1184,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     inputs.add_argument(
         "--chunk-chars",
-        type=_positive_int,
+        type=positive_int,
         default=2000,
         help="multitask: longest document chunk, characters (default: %(default)s)",
     )
@@ -1219,43 +1192,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--system-prompt", default=SYSTEM_PROMPT, help="response/cot: the samples' system turn (default: %(default)r)"
     )
     inputs.add_argument(
-        "--max-tokens", type=_positive_int, help="per reply (default: response 2000, cot 4000, multitask 1500)"
+        "--max-tokens", type=positive_int, help="per reply (default: response 2000, cot 4000, multitask 1500)"
     )
     inputs.add_argument(
-        "--temperature", type=_non_negative_float, default=DEFAULT_TEMPERATURE, help="(default: %(default)s)"
+        "--temperature", type=non_negative_float, default=DEFAULT_TEMPERATURE, help="(default: %(default)s)"
     )
     inputs.add_argument("--seed", type=int, default=0, help="base of the per-request seeds (default: %(default)s)")
     pacing = parser.add_argument_group("pacing and retries")
     pacing.add_argument(
-        "--concurrency", type=_positive_int, default=4, help="requests in flight at once (default: %(default)s)"
+        "--concurrency", type=positive_int, default=4, help="requests in flight at once (default: %(default)s)"
     )
     pacing.add_argument(
         "--rpm",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=60.0,
         help="most requests started per minute, retries included; 0 = no limit (default: %(default)s)",
     )
     pacing.add_argument(
         "--max-retries",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=5,
         help="retries of a request on 429, 5xx, timeouts and connection errors (default: %(default)s)",
     )
     pacing.add_argument(
         "--timeout-s",
-        type=_positive_float,
+        type=positive_float,
         default=300.0,
         help="longest wait for one reply, seconds (default: %(default)s)",
     )
     pacing.add_argument(
         "--backoff-base-s",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=1.0,
         help="first backoff, seconds; doubles per retry, with jitter (default: %(default)s)",
     )
     pacing.add_argument(
         "--backoff-max-s",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=60.0,
         help="longest backoff without Retry-After, seconds (default: %(default)s)",
     )

@@ -47,6 +47,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+from models.arguments import positive_float, positive_int
 from models import merge
 from models.demo import LORA_TARGETS
 from models.merge import MergeError
@@ -405,20 +406,6 @@ def _save(
     return TrainLoraResult(out_dir, record)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, not {value}")
-    return value
-
-
 def _target_list(text: str) -> tuple[str, ...]:
     targets = tuple(part.strip() for part in text.split(",") if part.strip())
     if not targets:
@@ -433,8 +420,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--data", type=Path, required=True, metavar="FILE", help="training chats, JSONL (e.g. train.jsonl)")
     add("--validation", type=Path, metavar="FILE", help="validation chats, JSONL: loss before and after")
     add("--out", type=Path, required=True, metavar="DIR", help="adapter directory (must be new or empty)")
-    add("--r", type=_positive_int, default=LoraSettings.r, help="LoRA rank (default: %(default)s)")
-    add("--alpha", type=_positive_int, default=32, help="LoRA alpha; scales by alpha/r (default: 32)")
+    add("--r", type=positive_int, default=LoraSettings.r, help="LoRA rank (default: %(default)s)")
+    add("--alpha", type=positive_int, default=32, help="LoRA alpha; scales by alpha/r (default: 32)")
     add("--dropout", type=float, default=0.0, help="LoRA dropout (default: %(default)s)")
     add(
         "--target-modules",
@@ -444,13 +431,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated module names to wrap, or all-linear (default: {','.join(LORA_TARGETS)})",
     )
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_positive_int, default=None, help="optimiser steps")
-    length.add_argument("--epochs", type=_positive_float, help="passes over the data (default: 1)")
-    add("--lr", type=_positive_float, default=2e-4, help="peak AdamW learning rate (default: %(default)s)")
-    add("--batch-size", type=_positive_int, default=8, help="chats per step (default: %(default)s)")
-    add("--max-length", type=_positive_int, default=1024, help="tokens per chat, cut beyond (default: 1024)")
+    length.add_argument("--steps", type=positive_int, default=None, help="optimiser steps")
+    length.add_argument("--epochs", type=positive_float, help="passes over the data (default: 1)")
+    add("--lr", type=positive_float, default=2e-4, help="peak AdamW learning rate (default: %(default)s)")
+    add("--batch-size", type=positive_int, default=8, help="chats per step (default: %(default)s)")
+    add("--max-length", type=positive_int, default=1024, help="tokens per chat, cut beyond (default: 1024)")
     add("--warmup-steps", type=int, help="linear warm-up, then cosine decay (default: steps/10, at most 10)")
-    add("--log-every", type=_positive_int, default=10, help="steps per progress line (default: %(default)s)")
+    add("--log-every", type=positive_int, default=10, help="steps per progress line (default: %(default)s)")
     add("--seed", type=int, default=0, help="seed of the adapter's init and the data order (default: 0)")
     add("--device", choices=DEVICES, default="auto", help="auto (default): cuda when available, else cpu")
     add(
