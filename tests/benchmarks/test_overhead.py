@@ -35,3 +35,17 @@ def test_a_gateway_that_merges_events_or_changes_text_is_caught() -> None:
     assert not shapes_verdict({DIRECT: direct, GW_ON: [StreamShape(129, "ab", 40, 20)]})[GW_ON]["preserved"]
     assert not shapes_verdict({DIRECT: direct, GW_ON: [StreamShape(130, "abc", 130, 0)]})[GW_ON]["preserved"]
     assert shapes_verdict({DIRECT: direct, GW_ON: [StreamShape(130, "ab", 40, 20)]})[GW_ON]["more_multi_event_reads_than_direct"]
+
+
+def test_late_bursts_are_counted_and_left_out_of_the_streamed_ttft() -> None:
+    """An answer whose first event came after half its time was one late burst from vLLM."""
+    blocks = [Block(DIRECT, 1, 0, 4, 0, 2.0, None), Block(GW_ON, 1, 0, 4, 0, 2.0, 0.01)]
+    direct = [Sample("c1", DIRECT, 0, 0.005, 0.1, 130, None)] * 3 + [Sample("c1", DIRECT, 0, 0.099, 0.1, 130, None)]
+    gateway = [Sample("c1", GW_ON, 0, 0.006, 0.1, 130, None)] + [Sample("c1", GW_ON, 0, 0.098, 0.1, 130, None)] * 3
+    rows = summarize(blocks, direct + gateway, [DIRECT, GW_ON], 128)
+    assert rows[DIRECT]["late_first_event_share"] == 0.25 and rows[GW_ON]["late_first_event_share"] == 0.75
+    assert abs(rows[GW_ON]["added_ttft_ms_p50"] - 93.0) < 1e-9  # the verdict still uses every answer
+    assert abs(rows[GW_ON]["added_ttft_ms_p50_streamed"] - 1.0) < 1e-9
+    lines = {(line[0], line[2]): line for line in goal_lines({1: rows}, {})}
+    assert lines[("added TTFT p50, ms", "c=1")][-1] == "MISS"
+    assert lines[("added TTFT p50, streamed answers only, ms", "c=1")][3] == "+1.00"
