@@ -53,23 +53,43 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import fcntl
-import hashlib
 import json
 import os
-import re
 import sys
-import unicodedata
-import zlib
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from models.arguments import non_negative_float, non_negative_int, positive_float, positive_int
+from models.distill_output import MANIFEST_FILE, PLAN_FILE, QUESTIONS_FILE, SAMPLES_FILE, OutputFolder
+from models.distill_plan import (
+    SYSTEM_PROMPT,
+    TASKS,
+    DistillError,
+    Generation,
+    Plan,
+    PlannedSample,
+    Topic,
+    load_documents,
+    load_topics,
+    plan_differences,
+    plan_multitask,
+    plan_questions,
+    plan_record,
+    request_seed,
+)
+from models.distill_prompts import (
+    cot_assistant_content,
+    extract_label,
+    parse_questions,
+    question_key,
+    question_messages,
+    split_reasoning,
+    task_messages,
+)
 from models.teacher import (
     ChatReply,
     Price,
@@ -88,46 +108,18 @@ DEFAULT_DOCUMENTS_DIR = DATA_DIR / "shop_docs"
 DEFAULT_KEY_ENV = "STUDENT_TEACHER_API_KEY"
 
 MODES = ("response", "cot", "multitask")
-TASKS = ("summary", "qa", "classify", "extract")
-LABELS = ("technical", "policy", "guide", "promotion", "other")
-LABEL_WORDS = {
-    "technical": "technical", "kỹ thuật": "technical",
-    "policy": "policy", "chính sách": "policy",
-    "guide": "guide", "hướng dẫn": "guide",
-    "promotion": "promotion", "khuyến mãi": "promotion",
-    "other": "other", "khác": "other",
-}  # fmt: skip
 # The article's max_tokens per kind of request: answers 2000, chain of thought 4000, multitask 1500.
 DEFAULT_MAX_TOKENS = {"response": 2000, "cot": 4000, "multitask": 1500}
 DEFAULT_TEMPERATURE = 0.7
 QUESTIONS_PER_REQUEST = 10  # questions asked for in one request; more come in later rounds
 FRUITLESS_QUESTION_ROUNDS = 3  # a topic gives up after this many requests in a row with no new question
-AVOID_QUESTIONS_SHOWN = 20  # known questions quoted back to the teacher as "do not repeat"
 
-SAMPLES_FILE = "samples.jsonl"
-QUESTIONS_FILE = "questions.jsonl"
-PLAN_FILE = "plan.json"
-MANIFEST_FILE = "manifest.json"
-LOCK_FILE = ".distill.lock"
-PLAN_FORMAT = "student-distill-plan/1"
 MANIFEST_FORMAT = "student-distill-manifest/1"
 
-SYSTEM_PROMPT = "Bạn là trợ lý chăm sóc khách hàng của cửa hàng."
-QUESTION_WRITER_PROMPT = "Bạn là chuyên gia hỗ trợ khách hàng thương mại điện tử."
 COT_INSTRUCTION = (
     " Trước khi trả lời, hãy suy nghĩ từng bước trong thẻ <think>…</think>, "
     "sau đó viết câu trả lời cuối cùng cho khách hàng."
 )
-TASK_SYSTEM_PROMPTS = {
-    "summary": "Bạn là chuyên gia tóm tắt văn bản. Tóm tắt ngắn gọn, nắm bắt ý chính.",
-    "qa": "Bạn là chuyên gia trả lời câu hỏi. Hãy trả lời chính xác và đầy đủ.",
-    "classify": "Bạn là chuyên gia phân loại. Phân loại chính xác theo các nhãn cho sẵn.",
-    "extract": "Bạn là chuyên gia trích xuất thông tin. Trích xuất chính xác thông tin cần thiết.",
-}
-
-
-class DistillError(Exception):
-    """A run that cannot start or continue as asked; the message says what to fix."""
 
 
 class PlanMismatchError(DistillError):
@@ -139,476 +131,11 @@ class SampleError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs and the plan
-
-
-@dataclass(frozen=True)
-class Document:
-    """A shop document: `name` is its path relative to the documents folder."""
-
-    name: str
-    text: str
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Generation:
-    """Request settings that shape the replies, hence part of the plan."""
-
-    max_tokens: int
-    temperature: float
-    seed: int
-    system_prompt: str = SYSTEM_PROMPT
-    extra_body: Mapping[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "seed": self.seed,
-            "system_prompt": self.system_prompt,
-            "extra_body": dict(self.extra_body),
-        }
-
-
-@dataclass(frozen=True)
-class Topic:
-    key: str  # slug, unique within the plan
-    text: str
-
-
-@dataclass(frozen=True)
-class PlannedSample:
-    """One line of samples.jsonl to be: its id, task and where its prompt comes from."""
-
-    id: str
-    task: str
-    topic: str
-    topic_key: str | None = None  # response/cot: the topic whose question `index` is used
-    index: int | None = None
-    document: str | None = None  # multitask: document name and chunk
-    chunk_index: int | None = None
-    chunk: str | None = None
-
-
-@dataclass(frozen=True)
-class Plan:
-    mode: str
-    samples: tuple[PlannedSample, ...]
-    topics: tuple[Topic, ...] = ()
-    questions_per_topic: int = 0
-    inputs: Mapping[str, Any] = field(default_factory=dict)
-
-    def by_task(self) -> dict[str, int]:
-        return dict(Counter(sample.task for sample in self.samples))
-
-
-def slugify(text: str, max_chars: int = 48) -> str:
-    """ASCII slug: Vietnamese diacritics removed (đ → d), lowercase, words joined by '-'."""
-    text = text.replace("đ", "d").replace("Đ", "D")
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
-    return slug[:max_chars].rstrip("-") or "x"
-
-
-def load_topics(path: Path) -> list[str]:
-    """Topics from a text file: one per line, blank lines and `#` comments skipped, duplicates once."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DistillError(f"topics file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise DistillError(f"cannot read topics file {path}: {error}") from None
-    topics, seen = [], set()
-    for line in text.split("\n"):
-        topic = " ".join(line.split())
-        if topic and not topic.startswith("#") and topic.casefold() not in seen:
-            seen.add(topic.casefold())
-            topics.append(topic)
-    if not topics:
-        raise DistillError(f"topics file {path} has no topics (one per line; # starts a comment)")
-    return topics
-
-
-def load_documents(folder: Path) -> list[Document]:
-    """The non-empty `.txt` and `.md` files under `folder`, sorted by relative path."""
-    if not folder.is_dir():
-        raise DistillError(f"documents folder {folder} does not exist or is not a folder")
-    documents = []
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in (".txt", ".md"):
-            continue
-        try:
-            text = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as error:
-            raise DistillError(f"cannot read document {path}: {error}") from None
-        if text:
-            documents.append(Document(path.relative_to(folder).as_posix(), text))
-    if not documents:
-        raise DistillError(f"documents folder {folder} has no non-empty .txt or .md file")
-    return documents
-
-
-def chunk_text(text: str, max_chars: int) -> list[str]:
-    """Paragraphs packed greedily into chunks of at most `max_chars` characters.
-
-    A paragraph longer than that is cut at whitespace (or anywhere, for a single huge word).
-    """
-    if max_chars < 1:
-        raise ValueError("max_chars must be >= 1")
-    pieces = []
-    for paragraph in re.split(r"\n\s*\n", text.strip()):
-        paragraph = paragraph.strip()
-        while len(paragraph) > max_chars:
-            cut = paragraph.rfind(" ", 0, max_chars + 1)
-            cut = cut if cut > 0 else max_chars
-            pieces.append(paragraph[:cut].strip())
-            paragraph = paragraph[cut:].strip()
-        if paragraph:
-            pieces.append(paragraph)
-    chunks: list[str] = []
-    for piece in pieces:
-        if chunks and len(chunks[-1]) + 2 + len(piece) <= max_chars:
-            chunks[-1] += "\n\n" + piece
-        else:
-            chunks.append(piece)
-    return chunks
-
-
-def unique_keys(texts: Sequence[str]) -> list[str]:
-    """Slugs of `texts`, made unique by suffixes -2, -3, ... in order of appearance."""
-    keys, used = [], Counter[str]()
-    for text in texts:
-        base = slugify(text)
-        used[base] += 1
-        key = base if used[base] == 1 else f"{base}-{used[base]}"
-        while key in keys:
-            used[base] += 1
-            key = f"{base}-{used[base]}"
-        keys.append(key)
-    return keys
-
-
-def plan_questions(mode: str, topics: Sequence[str], questions_per_topic: int) -> Plan:
-    """The plan of `response`/`cot`: `questions_per_topic` samples per topic, in topic order."""
-    if questions_per_topic < 1:
-        raise DistillError("--questions-per-topic must be at least 1")
-    planned_topics = tuple(Topic(key, text) for key, text in zip(unique_keys(topics), topics, strict=True))
-    samples = tuple(
-        PlannedSample(f"{mode}/{topic.key}/{index:04d}", mode, topic.text, topic_key=topic.key, index=index)
-        for topic in planned_topics
-        for index in range(questions_per_topic)
-    )
-    inputs = {"topics": [topic.text for topic in planned_topics], "questions_per_topic": questions_per_topic}
-    return Plan(mode, samples, planned_topics, questions_per_topic, inputs)
-
-
-def plan_multitask(documents: Sequence[Document], tasks: Sequence[str], chunk_chars: int) -> Plan:
-    """The plan of `multitask`: every chunk of every document times every task."""
-    if not tasks:
-        raise DistillError("--tasks names no task")
-    unknown = [task for task in tasks if task not in TASKS]
-    if unknown:
-        raise DistillError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-    if chunk_chars < 200:
-        raise DistillError("--chunk-chars must be at least 200")
-    keys = unique_keys([document.name.rsplit(".", 1)[0] for document in documents])
-    samples = []
-    for key, document in zip(keys, documents, strict=True):
-        topic = document.name.rsplit(".", 1)[0]
-        for chunk_index, chunk in enumerate(chunk_text(document.text, chunk_chars)):
-            for task in tasks:
-                samples.append(
-                    PlannedSample(
-                        f"multitask/{key}/{chunk_index:03d}/{task}",
-                        task,
-                        topic,
-                        document=document.name,
-                        chunk_index=chunk_index,
-                        chunk=chunk,
-                    )
-                )
-    inputs = {
-        "documents": [{"name": document.name, "sha256": document.sha256} for document in documents],
-        "tasks": list(tasks),
-        "chunk_chars": chunk_chars,
-    }
-    return Plan("multitask", tuple(samples), inputs=inputs)
-
-
-def plan_record(plan: Plan, teacher: TeacherConfig, generation: Generation) -> dict[str, Any]:
-    """What plan.json holds; every key but `samples` must match for a run to resume."""
-    return {
-        "format": PLAN_FORMAT,
-        "mode": plan.mode,
-        "teacher": {"url": teacher.base_url, "model": teacher.model},
-        "generation": generation.as_dict(),
-        "inputs": dict(plan.inputs),
-        "samples": [sample.id for sample in plan.samples],
-    }
-
-
-def plan_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Dotted names of the plan fields that differ, e.g. ["mode", "teacher.model"]."""
-
-    def walk(a: Any, b: Any, prefix: str) -> Iterator[str]:
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            for key in sorted(set(a) | set(b)):
-                yield from walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-        elif a != b:
-            yield prefix
-
-    return list(walk(old, new, ""))
-
-
-def request_seed(seed: int, key: str) -> int:
-    """A per-request seed (0 ≤ s < 2**31) derived from the run's `seed` and a stable key."""
-    return zlib.crc32(f"{seed}|{key}".encode()) & 0x7FFFFFFF
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompts and replies
-
-
-def question_messages(mode: str, topic: str, count: int, known: Sequence[str]) -> list[dict[str, str]]:
-    """The request for `count` new questions on `topic` (cot: situations that need reasoning)."""
-    if mode == "cot":
-        ask = (
-            f"Viết {count} tình huống khó mà nhân viên chăm sóc khách hàng của một cửa hàng trực tuyến "
-            f"gặp về chủ đề: {topic}. Mỗi tình huống cần suy luận nhiều bước mới giải quyết được "
-            "(ví dụ: khách mua giày size 42 nhưng hết hàng, size 43 còn hàng và đắt hơn 50.000đ)."
-        )
-    else:
-        ask = f"Viết {count} câu hỏi khác nhau mà khách hàng của một cửa hàng trực tuyến thường hỏi về chủ đề: {topic}."
-    ask += " Mỗi câu một dòng, viết như khách hàng nhắn tin, không đánh số, không giải thích."
-    if known:
-        shown = "\n".join(f"- {question}" for question in known[-AVOID_QUESTIONS_SHOWN:])
-        ask += f"\nKhông lặp lại các câu đã có:\n{shown}"
-    return [{"role": "system", "content": QUESTION_WRITER_PROMPT}, {"role": "user", "content": ask}]
-
-
-def task_messages(task: str, chunk: str) -> list[dict[str, str]]:
-    """The multitask request for one chunk; it is also the sample's system and user turns."""
-    if task == "summary":
-        ask = f"Tóm tắt nội dung sau:\n\n{chunk}"
-    elif task == "qa":
-        ask = (
-            f"Dựa trên nội dung sau, tạo 5 câu hỏi và câu trả lời.\n\nNội dung:\n{chunk}\n\n"
-            "Định dạng:\nQ1: [Câu hỏi]\nA1: [Câu trả lời]\n..."
-        )
-    elif task == "classify":
-        ask = (
-            "Phân loại nội dung sau vào đúng một nhãn: technical (kỹ thuật), policy (chính sách), "
-            "guide (hướng dẫn), promotion (khuyến mãi), other (khác). Chỉ trả lời bằng một nhãn "
-            f"tiếng Anh.\n\nNội dung:\n{chunk}\n\nNhãn:"
-        )
-    elif task == "extract":
-        ask = (
-            "Trích xuất các thông tin quan trọng trong nội dung sau dưới dạng JSON với các khóa "
-            '"chu_de", "thoi_han", "dieu_kien", "chi_phi", "ngoai_le", "lien_he" '
-            f"(null nếu không có).\n\nNội dung:\n{chunk}"
-        )
-    else:
-        raise ValueError(f"unknown task {task!r}")
-    return [{"role": "system", "content": TASK_SYSTEM_PROMPTS[task]}, {"role": "user", "content": ask}]
-
-
-_BULLET = re.compile(
-    r"^\s*(?:[-*•·+]+|\(?\d{1,3}\s*[.):\]]|[Qq]\d{1,3}\s*[:.)]"  # bullets, "1.", "(2)", "Q3:"
-    r"|Câu(?:\s+hỏi)?\s*\d{1,3}\s*[:.)]|Tình huống\s*\d{1,3}\s*[:.)])\s*"  # "Câu hỏi 4:", "Tình huống 5."
-)
-_ANSWER_LINE = re.compile(r"^\s*(?:[Aa]\d{1,3}\s*[:.)]|Trả lời\s*:)")
-
-
-def parse_questions(text: str) -> list[str]:
-    """One question per non-empty line, with numbering, bullets and quotes removed."""
-    questions = []
-    for line in text.split("\n"):
-        if _ANSWER_LINE.match(line):
-            continue
-        question = _BULLET.sub("", line, count=1).strip().strip("\"'“”").strip()
-        if len(question) >= 3 and any(character.isalnum() for character in question):
-            questions.append(question)
-    return questions
-
-
-def question_key(question: str) -> str:
-    """How questions are compared for duplicates: case-folded, whitespace collapsed."""
-    return " ".join(question.casefold().split())
-
-
-@dataclass(frozen=True)
-class SplitReply:
-    """A reply cut into reasoning and final answer; `unterminated`: `<think>` never closed."""
-
-    reasoning: str | None
-    answer: str
-    unterminated: bool = False
-
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-def split_reasoning(content: str, reasoning: str | None = None) -> SplitReply:
-    """Separate the chain of thought from the answer.
-
-    `reasoning` (the server's `reasoning_content`) wins when non-empty; otherwise the content's
-    `<think>…</think>` is the reasoning and what follows it the answer. A content that has a
-    closing tag but no opening one (R1's template opens the block in the prompt) counts everything
-    before the tag as reasoning. Whitespace around both parts is stripped; an empty part is None/"".
-    """
-    if reasoning is not None and reasoning.strip():
-        answer = content
-        if THINK_CLOSE in answer:
-            answer = answer.split(THINK_CLOSE, 1)[1]
-        return SplitReply(reasoning.strip(), answer.strip())
-    if THINK_CLOSE in content:
-        before, answer = content.split(THINK_CLOSE, 1)
-        if THINK_OPEN in before:
-            before = before.split(THINK_OPEN, 1)[1]
-        return SplitReply(before.strip() or None, answer.strip())
-    if THINK_OPEN in content:
-        before, thought = content.split(THINK_OPEN, 1)
-        return SplitReply(thought.strip() or None, before.strip(), unterminated=True)
-    return SplitReply(None, content.strip())
-
-
-def extract_label(text: str) -> str | None:
-    """The first class label (English or Vietnamese word) found in a classify reply, or None."""
-    lowered = text.casefold()
-    found = [(lowered.find(word), label) for word, label in LABEL_WORDS.items() if word in lowered]
-    return min(found)[1] if found else None
-
-
-def cot_assistant_content(reasoning: str, answer: str) -> str:
-    """The assistant turn of a cot sample: the reasoning in `<think>` tags, then the answer."""
-    return f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{answer}"
-
-
-# ---------------------------------------------------------------------------------------------
-# The output folder
+# The run
 
 
 def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-class OutputFolder:
-    """The files of one run in `path`: JSONL appended line by line with fsync, JSON replaced atomically."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fds: dict[str, int] = {}
-        self._lock_fd: int | None = None
-
-    def file(self, name: str) -> Path:
-        return self.path / name
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[OutputFolder]:
-        """Hold an exclusive lock on the folder (another run into it is refused), close files after."""
-        if self.path.exists() and not self.path.is_dir():
-            raise DistillError(f"--out {self.path} exists and is not a folder")
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.file(LOCK_FILE), os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise DistillError(f"another student distill run is writing to {self.path}") from None
-        self._lock_fd = fd
-        try:
-            yield self
-        finally:
-            for handle in self._fds.values():
-                os.close(handle)
-            self._fds.clear()
-            os.close(fd)
-            self._lock_fd = None
-
-    def clear(self) -> None:
-        """Remove this tool's files (for --force); anything else in the folder stays."""
-        for name in (SAMPLES_FILE, QUESTIONS_FILE, PLAN_FILE, MANIFEST_FILE):
-            self.file(name).unlink(missing_ok=True)
-
-    def read_json(self, name: str) -> dict[str, Any] | None:
-        path = self.file(name)
-        if not path.exists():
-            return None
-        try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise DistillError(f"cannot read {path}: {error}; fix it or start over with --force") from None
-        if not isinstance(value, dict):
-            raise DistillError(f"{path} is not a JSON object; start over with --force")
-        return value
-
-    def write_json(self, name: str, value: Mapping[str, Any]) -> None:
-        """Write atomically: a temporary file renamed over the old one."""
-        path = self.file(name)
-        temporary = path.with_name(f".{name}.tmp")
-        temporary.write_text(json.dumps(value, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
-
-    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
-        """All complete rows; a torn last line (no newline, not a full JSON object) is cut off the file."""
-        path = self.file(name)
-        if not path.exists():
-            return []
-        data = path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        tail = data[end:]
-        rows = []
-        if tail.strip():
-            try:
-                row = json.loads(tail)
-            except ValueError:
-                row = None
-            if isinstance(row, dict):
-                with path.open("ab") as handle:  # a complete row whose newline was not written
-                    handle.write(b"\n")
-                end = len(data) + 1
-                data += b"\n"
-            else:
-                print(
-                    f"[distill] {name}: dropping a torn last line ({len(tail)} bytes) left by an interrupted run",
-                    file=sys.stderr,
-                )
-        if end < len(data) or tail and not tail.strip():
-            os.truncate(path, end)
-        for number, line in enumerate(data[:end].split(b"\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as error:
-                raise DistillError(
-                    f"{path} line {number} is not valid JSON ({error}); fix it or start over with --force"
-                ) from None
-            if not isinstance(row, dict):
-                raise DistillError(f"{path} line {number} is not a JSON object; fix it or start over with --force")
-            rows.append(row)
-        return rows
-
-    def append_jsonl(self, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Append rows as complete lines in one write, then fsync: a kill leaves at most a torn tail."""
-        if not rows:
-            return
-        if name not in self._fds:
-            self._fds[name] = os.open(self.file(name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
-        fd = self._fds[name]
-        written = 0
-        while written < len(data):
-            written += os.write(fd, data[written:])
-        os.fsync(fd)
-
-
-# ---------------------------------------------------------------------------------------------
-# The run
 
 
 @dataclass

@@ -21,25 +21,23 @@ from pathlib import Path
 import pytest
 
 from models import distill
-from models.distill import (
-    DEFAULT_DOCUMENTS_DIR,
-    DEFAULT_TOPICS_FILE,
+from models.distill import DEFAULT_DOCUMENTS_DIR, DEFAULT_TOPICS_FILE, sample_row
+from models.distill_output import OutputFolder
+from models.distill_plan import (
+    SYSTEM_PROMPT,
     DistillError,
-    OutputFolder,
+    Generation,
     PlannedSample,
     chunk_text,
-    extract_label,
     load_documents,
     load_topics,
-    parse_questions,
     plan_differences,
     plan_multitask,
     plan_questions,
-    sample_row,
     slugify,
-    split_reasoning,
 )
-from models.teacher import ChatReply, RetryPolicy, TeacherClient, TeacherConfig
+from models.distill_prompts import TASK_SYSTEM_PROMPTS, SplitReply, extract_label, parse_questions, split_reasoning
+from models.teacher import ChatReply, RetryPolicy, TeacherClient, TeacherConfig, TeacherReplyError
 from models.train import load_chat_jsonl
 from tests.conftest import STACK_ARGS
 from tests.models.test_teacher import completion, ok, scripted_teacher, status
@@ -130,12 +128,10 @@ def test_questions_are_parsed_one_per_line_without_numbering() -> None:
 
 
 def test_reasoning_is_split_from_the_answer() -> None:
-    assert split_reasoning("<think>\nxét size\n</think>\n\nĐổi size 43.") == distill.SplitReply(
-        "xét size", "Đổi size 43."
-    )
+    assert split_reasoning("<think>\nxét size\n</think>\n\nĐổi size 43.") == SplitReply("xét size", "Đổi size 43.")
     assert split_reasoning("xét size</think>Đổi size 43.").reasoning == "xét size"  # R1: opening tag in the prompt
-    assert split_reasoning("Đổi size 43.", reasoning="xét size") == distill.SplitReply("xét size", "Đổi size 43.")
-    assert split_reasoning("Chỉ trả lời.") == distill.SplitReply(None, "Chỉ trả lời.")
+    assert split_reasoning("Đổi size 43.", reasoning="xét size") == SplitReply("xét size", "Đổi size 43.")
+    assert split_reasoning("Chỉ trả lời.") == SplitReply(None, "Chỉ trả lời.")
     assert split_reasoning("<think></think>Trả lời").reasoning is None
     cut = split_reasoning("<think>đang nghĩ dở")
     assert cut.unterminated and cut.answer == "" and cut.reasoning == "đang nghĩ dở"
@@ -161,9 +157,9 @@ def test_cot_rows_keep_reasoning_or_are_flagged() -> None:
     flagged = sample_row(sample, prefix, _reply("Đổi size 43."))
     assert flagged["messages"][-1]["content"] == "Đổi size 43."
     assert (flagged["reasoning"], flagged["missing_reasoning"]) == (None, True)
-    with pytest.raises(distill.TeacherReplyError, match="max-tokens"):
+    with pytest.raises(TeacherReplyError, match="max-tokens"):
         sample_row(sample, prefix, _reply("<think>nghĩ mãi"))
-    with pytest.raises(distill.TeacherReplyError, match="empty"):
+    with pytest.raises(TeacherReplyError, match="empty"):
         sample_row(sample, prefix, _reply("  "))
 
 
@@ -202,7 +198,7 @@ def run_scripted(
     documents.mkdir(exist_ok=True)
     (documents / "doi-tra.md").write_text("Đổi trả trong 30 ngày, sản phẩm còn nguyên seal.", encoding="utf-8")
     plan = plan_multitask(load_documents(documents), ["summary", "classify"], 2000)
-    generation = distill.Generation(max_tokens=16, temperature=0.0, seed=0)
+    generation = Generation(max_tokens=16, temperature=0.0, seed=0)
 
     async def scenario() -> tuple[distill.DistillResult | DistillError, list[dict]]:
         async with scripted_teacher(script, models=["teacher"], port=port) as server:
@@ -401,7 +397,7 @@ def test_response_mode_writes_chat_jsonl_and_a_manifest(teacher: Stack, tmp_path
     questions = {(row["topic_key"], row["index"]): row["question"] for row in questions_of(out)}
     for row in rows:
         assert [message["role"] for message in row["messages"]] == ["system", "user", "assistant"]
-        assert row["messages"][0]["content"] == distill.SYSTEM_PROMPT and row["task"] == "response"
+        assert row["messages"][0]["content"] == SYSTEM_PROMPT and row["task"] == "response"
         _, topic_key, index = row["id"].split("/")
         assert row["messages"][1]["content"] == questions[(topic_key, int(index))]
         assert row["messages"][2]["content"].strip()
@@ -441,7 +437,7 @@ def test_multitask_mode_from_the_bundled_documents(teacher: Stack, tmp_path: Pat
     texts = {document.name: document.text for document in documents}
     for row in rows:
         assert row["id"] == f"multitask/{slugify(row['document'].removesuffix('.md'))}/000/{row['task']}"
-        assert row["messages"][0]["content"] == distill.TASK_SYSTEM_PROMPTS[row["task"]]
+        assert row["messages"][0]["content"] == TASK_SYSTEM_PROMPTS[row["task"]]
         assert texts[row["document"]] in row["messages"][1]["content"]
         assert ("label" in row) == (row["task"] == "classify")
 

@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 from models.dataset_check import TRAIN_FILE, VALIDATION_FILE
-from models.distill import SYSTEM_PROMPT
+from models.distill_plan import SYSTEM_PROMPT
 from models.merge import MANIFEST_NAME
 from models.train_lora import TRAINING_RECORD
 from server.ledger import read_requests

@@ -24,7 +24,8 @@ from models.train import (
     evaluate_loss,
     load_chat_jsonl,
 )
-from models.distill import PlannedSample, sample_row
+from models.distill import sample_row
+from models.distill_plan import PlannedSample
 from models.teacher import ChatReply
 from models.train_lora import TRAINING_RECORD, LoraSettings, TrainLoraResult
 from server import cli
