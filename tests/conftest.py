@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Stack, start_stack
+from tests.support import VLLM_READY_TIMEOUT_S, Stack, running_stack
 
 TOKENIZER_TEXTS = [
     "Xin chào, tôi muốn hỏi về đơn hàng của tôi.",
@@ -47,14 +47,6 @@ def demo_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str
 @pytest.fixture(scope="session")
 def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`student serve` on the tiny model: the real vLLM child and the real gateway over HTTP."""
-    running = start_stack(
-        ["--model", str(tiny_model_dir), *SESSION_STACK_ARGS], tmp_path_factory.mktemp("stack") / "serve.log"
-    )
-    try:
-        running.wait_ready()
+    log_path = tmp_path_factory.mktemp("stack") / "serve.log"
+    with running_stack(["--model", str(tiny_model_dir), *SESSION_STACK_ARGS], log_path, ready_timeout_s=VLLM_READY_TIMEOUT_S) as running:
         yield running
-    finally:
-        try:
-            running.stop()
-        finally:
-            running.kill_all()

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,8 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
+import uvicorn
 
 
 STUDENT = str(Path(sys.executable).with_name("student"))
@@ -152,10 +155,31 @@ def _listening(port: int) -> bool:
 
 @contextmanager
 def running_stack(args: list[str], log_path: Path, env: dict[str, str] | None = None, ready_timeout_s: float = 60.0) -> Iterator[Stack]:
-    """`start_stack`, wait until ready, and stop it afterwards (for gateway-only stacks: seconds)."""
+    """`start_stack`, wait until ready (gateway-only stacks: seconds; with vLLM pass minutes), and
+    afterwards stop it and kill whatever of its process tree is left."""
     stack = start_stack(args, log_path, env)
     try:
         stack.wait_ready(ready_timeout_s)
         yield stack
     finally:
-        stack.stop()
+        try:
+            stack.stop()
+        finally:
+            stack.kill_all()
+
+
+VLLM_READY_TIMEOUT_S = 420.0
+
+
+@contextmanager
+def uvicorn_in_thread(app: Any, port: int, **config: Any) -> Iterator[uvicorn.Server]:
+    """An ASGI app served by a real uvicorn on 127.0.0.1:`port` in a daemon thread, stopped afterwards."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: server.started, 30), "the in-process server did not start"
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(30)

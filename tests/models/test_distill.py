@@ -41,7 +41,7 @@ from models.teacher import ChatReply, RetryPolicy, TeacherClient, TeacherConfig,
 from models.train import load_chat_jsonl
 from tests.conftest import STACK_ARGS
 from tests.models.test_teacher import completion, ok, scripted_teacher, status
-from tests.support import STUDENT, Stack, http_get, start_stack, wait_for
+from tests.support import STUDENT, VLLM_READY_TIMEOUT_S, Stack, http_get, running_stack, wait_for
 
 RATE_LIMIT_RPM = 60
 KEYS = {
@@ -312,19 +312,10 @@ def test_bad_inputs_fail_clearly_without_a_teacher(tmp_path: Path) -> None:
 def teacher(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`student serve` on the tiny model, with one API key per test and a per-key rate limit."""
     env = {"STUDENT_API_KEYS": ",".join(f"{name}={key}" for name, key in KEYS.items())}
-    running = start_stack(
-        ["--model", str(tiny_model_dir), *STACK_ARGS, "--rate-limit-rpm", str(RATE_LIMIT_RPM)],
-        tmp_path_factory.mktemp("teacher") / "serve.log",
-        env,
-    )
-    try:
-        running.wait_ready()
+    args = ["--model", str(tiny_model_dir), *STACK_ARGS, "--rate-limit-rpm", str(RATE_LIMIT_RPM)]
+    log_path = tmp_path_factory.mktemp("teacher") / "serve.log"
+    with running_stack(args, log_path, env, ready_timeout_s=VLLM_READY_TIMEOUT_S) as running:
         yield running
-    finally:
-        try:
-            running.stop()
-        finally:
-            running.kill_all()
 
 
 def teacher_args(stack: Stack, *extra: str) -> list[str]:

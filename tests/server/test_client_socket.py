@@ -15,13 +15,12 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 
 from server.client_socket import ChunkWriter, GatewayApp
 from server.proxy import RelayResponse
-from tests.support import free_port, wait_for
+from tests.support import free_port, uvicorn_in_thread, wait_for
 
 BIG_CHUNK = b"x" * 65_536
 
@@ -88,16 +87,8 @@ def server() -> Iterator[tuple[int, Served]]:
     """uvicorn with uvloop + httptools on a free port, in a thread; stopped afterwards."""
     served = Served()
     port = free_port()
-    config = uvicorn.Config(streaming_app(served), host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning")
-    instance = uvicorn.Server(config)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    assert wait_for(lambda: instance.started, 30)
-    try:
+    with uvicorn_in_thread(streaming_app(served), port, loop="uvloop", http="httptools"):
         yield port, served
-    finally:
-        instance.should_exit = True
-        thread.join(30)
 
 
 def raw_get(port: int, path: str) -> socket.socket:

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tests.conftest import STACK_ARGS
-from tests.support import Stack, http_get, post_json, start_stack, vllm_gauge, wait_for
+from tests.support import VLLM_READY_TIMEOUT_S, Stack, http_get, post_json, running_stack, start_stack, vllm_gauge, wait_for
 
 CHAT = {
     "model": "student",
@@ -93,15 +93,9 @@ def own_stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     (the load-test scenarios run before this module) left those gauges and the engine's
     scheduling in states that made these checks fail now and then.
     """
-    running = start_stack(["--model", str(tiny_model_dir), *STACK_ARGS], tmp_path_factory.mktemp("own") / "serve.log")
-    try:
-        running.wait_ready()
+    log_path = tmp_path_factory.mktemp("own") / "serve.log"
+    with running_stack(["--model", str(tiny_model_dir), *STACK_ARGS], log_path, ready_timeout_s=VLLM_READY_TIMEOUT_S) as running:
         yield running
-    finally:
-        try:
-            running.stop()
-        finally:
-            running.kill_all()
 
 
 @pytest.fixture

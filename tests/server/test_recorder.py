@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvicorn
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -24,7 +23,7 @@ from server.app import create_app
 from server.ledger import read_requests
 from server.power import SteadySource
 from server.settings import Settings
-from tests.support import Stack, free_port, http_get, start_stack, wait_for
+from tests.support import Stack, free_port, http_get, start_stack, uvicorn_in_thread, wait_for
 
 PROMPTS = ["Đơn hàng #12345 của tôi đang ở đâu?", "Chính sách đổi trả thế nào?", "Tôi muốn dùng mã giảm giá."]
 
@@ -170,15 +169,8 @@ def measured_gateway(stack: Stack, tmp_path: Path) -> Iterator[tuple[str, Settin
         upstream_url=stack.vllm_url, port=free_port(), ledger_path=tmp_path / "ledger.sqlite3", idle_w=20.0
     )
     app = create_app(settings, power_source=SteadySource(100.0, name="steady-test-source", reason="constant power for tests"))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        assert wait_for(lambda: server.started, 30)
+    with uvicorn_in_thread(app, settings.port):
         yield f"http://127.0.0.1:{settings.port}", settings
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def test_measured_energy_is_attributed_to_every_request_and_adds_up(

@@ -18,7 +18,6 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
@@ -36,7 +35,7 @@ from server.routing import (
     response_headers,
 )
 from server.settings import Settings
-from tests.support import Stack, free_port, http_get, running_stack, start_stack, wait_for
+from tests.support import Stack, free_port, http_get, running_stack, start_stack, uvicorn_in_thread, wait_for
 
 RULES = RoutingRules.of("X-Student-Route", ["remote", "deepseek-chat"], DEFAULT_KEYWORDS, fallback=True)
 READY = LocalState(ready=True, at_capacity=False)
@@ -354,17 +353,8 @@ def measured_hybrid(stack: Stack, remote: Stack, tmp_path: Path, monkeypatch: py
         remote_price=f"{PRICE[0]},{PRICE[1]}",
     )  # fmt: skip
     source = SteadySource(100.0, name="steady-test-source", reason="constant power for tests")
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, power_source=source), host="127.0.0.1", port=settings.port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        assert wait_for(lambda: server.started, 30)
+    with uvicorn_in_thread(create_app(settings, power_source=source), settings.port):
         yield f"http://127.0.0.1:{settings.port}", settings
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def test_per_route_costs_add_up(measured_hybrid: tuple[str, Settings]) -> None:
