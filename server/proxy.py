@@ -307,7 +307,10 @@ class UpstreamProxy:
                         self._finished(record, upstream.status)
                     out = out + event if out else event
                 if out:
+                    watch.sending = True
                     yield out
+                    watch.sending = False
+                    watch.last_s = clock()
             rest = splitter.flush()
             if rest:
                 yield rest
@@ -362,18 +365,24 @@ class StreamWatch:
     A timeout re-armed on every read costs a timer-heap operation per event; here the relay
     only stores the time of each read and the timer, when it fires, either re-arms itself from
     that time or fails the upstream reader, which wakes the relay with `UpstreamSilent`.
+    While the relay is `sending` (waiting for a slow client to take the last events) it does
+    not read upstream, so that time is not the upstream's silence.
     """
 
-    __slots__ = ("last_s", "_content", "_timeouts", "_handle")
+    __slots__ = ("last_s", "sending", "_content", "_timeouts", "_handle")
 
     def __init__(self, content: aiohttp.StreamReader, started_s: float, timeouts: StreamTimeouts):
         self.last_s: float | None = None
+        self.sending = False
         self._content = content
         self._timeouts = timeouts
         loop = asyncio.get_running_loop()
         self._handle = loop.call_later(started_s + timeouts.first_token_s - time.monotonic(), self._check)
 
     def _check(self) -> None:
+        if self.sending:
+            self._handle = asyncio.get_running_loop().call_later(self._timeouts.inter_token_s, self._check)
+            return
         now_s = time.monotonic()
         if self.last_s is None:
             limit_s = self._timeouts.first_token_s

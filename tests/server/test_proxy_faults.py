@@ -44,11 +44,31 @@ class ResetsBeforeAnswering(socketserver.BaseRequestHandler):
         self.request.close()
 
 
+class FloodsThenFinishes(socketserver.BaseRequestHandler):
+    """Healthy to GETs; a POST gets FLOOD_EVENTS big events as fast as the socket takes them
+    (32 MiB: far more than the socket buffers hold), then `data: [DONE]`."""
+
+    def handle(self) -> None:
+        if self.request.recv(65536).startswith(b"GET"):
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            self.request.close()
+            return
+        self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for event in [FLOOD_EVENT] * FLOOD_EVENTS + [b"data: [DONE]\n\n"]:
+            self.request.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+        self.request.sendall(b"0\r\n\r\n")
+        self.request.close()
+
+
+FLOOD_EVENT = b'data: {"choices": [{"index": 0, "text": "' + b"x" * 65_536 + b'"}]}\n\n'
+FLOOD_EVENTS = 512
+
+
 @contextmanager
-def gateway_in_front_of(handler: type[socketserver.BaseRequestHandler], log_dir) -> Iterator[Stack]:
+def gateway_in_front_of(handler: type[socketserver.BaseRequestHandler], log_dir, *args: str) -> Iterator[Stack]:
     upstream = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    gateway = start_stack(["--upstream", f"http://127.0.0.1:{upstream.server_address[1]}"], log_dir / "log")
+    gateway = start_stack(["--upstream", f"http://127.0.0.1:{upstream.server_address[1]}", *args], log_dir / "log")
     try:
         assert wait_for(lambda: _up(gateway), 60), gateway.log()
         yield gateway
@@ -96,3 +116,22 @@ def test_connection_reset_before_any_answer_is_503_with_retry_after(tmp_path, st
     assert response.getheader("Retry-After") == "5"
     assert error["code"] == 503 and "unavailable" in error["message"]
     assert "no healthy replica" not in error["message"]  # the reset itself, not a failed health check
+
+
+def test_a_client_reading_slowly_is_not_taken_for_a_silent_upstream(tmp_path) -> None:
+    """While the client does not read, the gateway stops reading upstream (back-pressure); that
+    pause is the client's, so it must not trip the stream timeouts (1 s here)."""
+    timeouts = ("--first-token-timeout-s", "1", "--inter-token-timeout-s", "1")
+    with gateway_in_front_of(FloodsThenFinishes, tmp_path, *timeouts) as gateway:
+        body = json.dumps({"model": "student", "prompt": "a", "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=60) as client:
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            received = client.recv(65536)
+            time.sleep(3)  # not reading: buffers fill, the gateway's relay waits for this client
+            while not received.endswith(b"0\r\n\r\n"):
+                more = client.recv(1 << 20)
+                assert more, "the gateway closed the stream early"
+                received += more
+    assert b'"error"' not in received, received[-600:]
+    assert received.count(b"x" * 65_536) == FLOOD_EVENTS and b"data: [DONE]" in received
