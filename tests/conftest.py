@@ -20,16 +20,33 @@ TOKENIZER_TEXTS = [
 # A 4096-token context lets a "long" request run for seconds even on an idle machine.
 STACK_ARGS = ["--max-model-len", "4096", "--kv-cache-gib", "1", "--max-num-seqs", "2", "--dtype", "float32"]
 SESSION_STACK_ARGS = [*STACK_ARGS, "--access-log"]
+# For tests that need a request still running when they act (disconnect, crash): a 16,384-token
+# answer takes several seconds however fast the box (4,096 took under 2 s on some).
+LONG_CONTEXT_TOKENS = 16384
+LONG_STACK_ARGS = ["--max-model-len", str(LONG_CONTEXT_TOKENS), *STACK_ARGS[2:]]
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight Llama (head_dim 64) with a locally trained tokenizer: seconds to build."""
     from models.tiny import build_random_llama
+
+    return build_random_llama(_tokenizer(), tmp_path_factory.mktemp("tiny-model"), seed=0, max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="session")
+def long_context_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny Llama with a 16,384-token context (serve it with LONG_STACK_ARGS)."""
+    from models.tiny import build_random_llama
+
+    directory = tmp_path_factory.mktemp("tiny-long-model")
+    return build_random_llama(_tokenizer(), directory, seed=0, max_position_embeddings=LONG_CONTEXT_TOKENS)
+
+
+def _tokenizer():  # noqa: ANN202  a PreTrainedTokenizerFast, imported lazily
     from models.tokenizer import train_tokenizer
 
-    tokenizer = train_tokenizer(TOKENIZER_TEXTS * 20, vocab_size=400)
-    return build_random_llama(tokenizer, tmp_path_factory.mktemp("tiny-model"), seed=0, max_position_embeddings=4096)
+    return train_tokenizer(TOKENIZER_TEXTS * 20, vocab_size=400)
 
 
 @pytest.fixture(scope="session")

@@ -113,6 +113,18 @@ class Stack:
             self.kill_all()
             raise
 
+    def vllm_api_server(self) -> psutil.Process:
+        """The vLLM child `student serve` started (its API server, leader of vLLM's process group).
+
+        Found by parentage, not by the lowest pid: pids wrap around (at 32,768 here), and a
+        busy test run gets there.
+        """
+        children = psutil.Process(self.process.pid).children()
+        servers = [child for child in children if "vllm.entrypoints" in " ".join(child.cmdline())]
+        if len(servers) != 1:
+            raise AssertionError(f"expected one vLLM child of student serve, found {servers}")
+        return servers[0]
+
     def alive_descendants(self) -> list[psutil.Process]:
         alive = []
         for proc in self.descendants:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import STACK_ARGS
+from tests.conftest import LONG_CONTEXT_TOKENS, LONG_STACK_ARGS
 from tests.support import VLLM_READY_TIMEOUT_S, Stack, http_get, post_json, running_stack, start_stack, vllm_gauge, wait_for
 
 CHAT = {
@@ -23,8 +25,9 @@ CHAT = {
     "seed": 7,
 }
 COMPLETION = {"model": "student", "prompt": "Chính sách đổi trả", "max_tokens": 24, "temperature": 0, "seed": 7}
-# Long enough (ignore_eos) that the request is still running when the test disconnects.
-LONG = {"max_tokens": 3900, "ignore_eos": True, "temperature": 0}
+# Long enough (ignore_eos, on the long-context model) that the request is still running when
+# the test disconnects.
+LONG = {"max_tokens": LONG_CONTEXT_TOKENS - 200, "ignore_eos": True, "temperature": 0}
 PATHS = {"chat": ("/v1/chat/completions", CHAT), "completions": ("/v1/completions", COMPLETION)}
 
 
@@ -73,6 +76,13 @@ def read_until_events(sock: socket.socket, count: int) -> bytes:
     return received
 
 
+def gateway_state(stack: Stack) -> str:
+    """For failure messages: the gateway's own count of requests and the end of its log."""
+    status, body = http_get(f"{stack.url}/stats")
+    requests = json.loads(body).get("requests") if status == 200 else body[:300]
+    return f"gateway requests: {requests}\nlog:\n{stack.log()[-3000:]}"
+
+
 def vllm_load(stack: Stack) -> tuple[float, float]:
     """(running, waiting) requests in vLLM right now."""
     return (
@@ -81,12 +91,34 @@ def vllm_load(stack: Stack) -> tuple[float, float]:
     )
 
 
-def assert_idle_soon(stack: Stack, timeout_s: float = 3.0, why: str = "vLLM still holds the request after the client disconnected") -> None:
+def assert_idle_soon(stack: Stack, timeout_s: float = 60.0, why: str = "vLLM still holds the request after the client disconnected") -> None:
     assert wait_for(lambda: vllm_load(stack) == (0, 0), timeout_s), f"{why}: (running, waiting) = {vllm_load(stack)}"
 
 
+def finish_counts(stack: Stack) -> Counter[str]:
+    """vLLM's finished requests by reason (`abort`, `length`, `stop`, ...), from its counters."""
+    _, text = http_get(f"{stack.vllm_url}/metrics")
+    counts: Counter[str] = Counter()
+    for reason, value in re.findall(r'^vllm:request_success_total\{[^}]*finished_reason="(\w+)"[^}]*\} (\S+)$', text.decode(), re.MULTILINE):
+        counts[reason] += int(float(value))
+    return counts
+
+
+def assert_aborted(stack: Stack, before: Counter[str]) -> None:
+    """vLLM is idle again and, since `before`, no request ran to its end (`length` or `stop`).
+
+    vLLM counts only requests that finished in its engine, not those its API server aborted, so
+    "went idle without finishing one" is the sign the gateway aborted them: how quickly the slot
+    came free is not (a long request would free it too, just later).
+    """
+    assert_idle_soon(stack)
+    ended = finish_counts(stack)
+    ended.subtract(before)
+    assert (ended["length"], ended["stop"]) == (0, 0), f"a request ran to its end instead of being aborted: {dict(ended)}"
+
+
 @pytest.fixture(scope="module")
-def own_stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def own_stack(long_context_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A stack of this module's own for the disconnect tests.
 
     They read vLLM's running/waiting gauges, and on the shared session stack earlier tests' load
@@ -94,14 +126,15 @@ def own_stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     scheduling in states that made these checks fail now and then.
     """
     log_path = tmp_path_factory.mktemp("own") / "serve.log"
-    with running_stack(["--model", str(tiny_model_dir), *STACK_ARGS], log_path, ready_timeout_s=VLLM_READY_TIMEOUT_S) as running:
+    args = ["--model", str(long_context_model_dir), *LONG_STACK_ARGS]
+    with running_stack(args, log_path, ready_timeout_s=VLLM_READY_TIMEOUT_S) as running:
         yield running
 
 
 @pytest.fixture
 def idle_stack(own_stack: Stack) -> Stack:
     """This module's stack once vLLM has finished whatever the previous test left in flight."""
-    assert_idle_soon(own_stack, timeout_s=15, why="vLLM was still busy before the test")
+    assert_idle_soon(own_stack, why="vLLM was still busy before the test")
     return own_stack
 
 
@@ -179,35 +212,38 @@ def test_models_lists_the_served_model(stack: Stack) -> None:
 
 
 def test_disconnect_mid_stream_aborts_the_vllm_request(idle_stack: Stack) -> None:
+    before = finish_counts(idle_stack)
     sock = open_raw_request(idle_stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True})
     read_until_events(sock, 3)
-    assert wait_for(lambda: vllm_load(idle_stack) == (1, 0), 5), vllm_load(idle_stack)
+    assert wait_for(lambda: vllm_load(idle_stack) == (1, 0), 60), (vllm_load(idle_stack), gateway_state(idle_stack))
     sock.close()
-    assert_idle_soon(idle_stack)
+    assert_aborted(idle_stack, before)
 
 
 def test_disconnect_before_first_token_aborts_the_queued_request(idle_stack: Stack) -> None:
     # The stack runs at most 2 sequences: fill both, so the third waits for its first token.
+    before = finish_counts(idle_stack)
     busy = [open_raw_request(idle_stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True}) for _ in range(2)]
     for sock in busy:
         read_until_events(sock, 1)
     prefilled_tokens = vllm_gauge(idle_stack.vllm_url, "vllm:prompt_tokens_total")
     queued = open_raw_request(idle_stack.port, "/v1/chat/completions", {**CHAT, **LONG, "stream": True})
-    assert wait_for(lambda: vllm_load(idle_stack) == (2, 1), 60), vllm_load(idle_stack)
+    assert wait_for(lambda: vllm_load(idle_stack) == (2, 1), 60), (vllm_load(idle_stack), gateway_state(idle_stack))
     queued.close()
-    assert wait_for(lambda: vllm_gauge(idle_stack.vllm_url, "vllm:num_requests_waiting") == 0, 3)
+    assert wait_for(lambda: vllm_gauge(idle_stack.vllm_url, "vllm:num_requests_waiting") == 0, 60)
     for sock in busy:
         sock.close()
-    assert_idle_soon(idle_stack)
+    assert_aborted(idle_stack, before)
     # Had it been promoted to running instead of aborted, its prompt would have been prefilled.
     assert vllm_gauge(idle_stack.vllm_url, "vllm:prompt_tokens_total") == prefilled_tokens
 
 
 def test_disconnect_from_a_non_streaming_request_aborts_it(idle_stack: Stack) -> None:
+    before = finish_counts(idle_stack)
     sock = open_raw_request(idle_stack.port, "/v1/chat/completions", {**CHAT, **LONG})
-    assert wait_for(lambda: vllm_load(idle_stack) == (1, 0), 10), vllm_load(idle_stack)
+    assert wait_for(lambda: vllm_load(idle_stack) == (1, 0), 60), (vllm_load(idle_stack), gateway_state(idle_stack))
     sock.close()
-    assert_idle_soon(idle_stack)
+    assert_aborted(idle_stack, before)
 
 
 def test_upstream_client_error_keeps_its_status_and_openai_shape(stack: Stack) -> None:

@@ -99,7 +99,7 @@ def test_gateway_survives_a_vllm_crash_and_vllm_comes_back_by_itself(tiny_model_
     stack = start_stack(["--model", str(tiny_model_dir), *STACK_ARGS], tmp_path / "serve.log")
     try:
         stack.wait_ready()
-        api_server = min(stack.descendants, key=lambda proc: proc.pid)
+        api_server = stack.vllm_api_server()
         os.killpg(api_server.pid, signal.SIGKILL)
         assert wait_for(lambda: "vLLM exited" in http_get(f"{stack.url}/ready")[1].decode(), 10)
         status, body = http_get(f"{stack.url}/ready")
