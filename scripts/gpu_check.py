@@ -39,6 +39,9 @@ GPU side (needs NVML, and CUDA for the load):
   (threads doing matmuls, one token per step, one not reporting tokens, one starting late)
   start and finish: conservation, and a request with more tokens gets more energy.
 * `merge_bf16_cuda`: the same merge as on the CPU, with `--device cuda`.
+* `train_lora_cuda`: `student train-lora` on that tiny base on the GPU (bfloat16 base weights,
+  a few steps on the bundled support chats): validation loss falls, and the adapter merges on
+  the GPU with its logit verification.
 """
 
 from __future__ import annotations
@@ -1114,6 +1117,38 @@ def check_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, device: str) -
     return outcome
 
 
+def check_train_lora(base_dir: Path, workdir: Path, device: str) -> Outcome:
+    """`train_lora` on `device` (dtype auto: bfloat16 on a GPU), then `merge_adapter` of its adapter there."""
+    from models.merge import VerificationError, merge_adapter
+    from models.train import TrainConfig
+    from models.train_lora import LoraSettings, train_lora
+
+    rows = DATASET_FILE.read_text(encoding="utf-8").splitlines()
+    (workdir / "train.jsonl").write_text("\n".join(rows[:64]) + "\n", encoding="utf-8")
+    (workdir / "validation.jsonl").write_text("\n".join(rows[64:80]) + "\n", encoding="utf-8")
+    config = TrainConfig(steps=8, learning_rate=3e-3, batch_size=8, max_length=256, warmup_steps=0)
+    trained = train_lora(
+        base_dir, workdir / "train.jsonl", workdir / f"adapter-{device}", config, LoraSettings(r=8, alpha=16),
+        validation_path=workdir / "validation.jsonl", device=device, progress=lambda m: say(f"train-lora ({device}): {m}"),
+    )  # fmt: skip
+    record = trained.record
+    try:
+        merged = merge_adapter(base_dir, trained.out_dir, workdir / f"trained-merged-{device}", device=device)
+    except VerificationError as error:
+        merged = error.result
+    loss = record["validation_loss"]
+    metrics = {"training": {key: record[key] for key in ("device", "dtype", "validation_loss", "elapsed_s") if key in record},
+               "merge_verification": asdict(merged.verification)}  # fmt: skip
+    outcome = Outcome(
+        f"{record['device']} {record['dtype']}: validation loss {loss['before']:.3f} -> {loss['after']:.3f} nats; "
+        f"merged max |Δlogit| {merged.verification.max_abs_diff:.3g}",
+        metrics,
+    )
+    outcome.require(loss["after"] < loss["before"], "validation loss did not fall after training")
+    outcome.require(merged.verification.passed, "the trained adapter's merge failed its logit verification")
+    return outcome
+
+
 # --- the run ------------------------------------------------------------------------------
 
 GPU_CHECKS = {
@@ -1233,6 +1268,15 @@ def merge_checks(workdir: Path) -> list[CheckResult]:
         cuda.metrics["same_weight_bytes_as_cpu_merge"] = (
             cpu.metrics["weight_sha256"] == cuda.metrics["weight_sha256"]
         )
+
+    def train_on_cuda() -> Outcome:
+        cuda_device()
+        if "dirs" not in student:
+            student["dirs"] = build_tiny_student(workdir)
+        return check_train_lora(student["dirs"][0], workdir, "cuda")
+
+    title = "student train-lora on the GPU (bfloat16), validation loss falls, adapter merges and verifies"
+    results.append(run_check("train_lora_cuda", "gpu", title, train_on_cuda))
     return results
 
 
