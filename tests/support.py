@@ -98,7 +98,12 @@ class Stack:
         def ready() -> bool:
             if self.process.poll() is not None:
                 raise AssertionError(f"student serve exited with {self.process.returncode}:\n{self.log()[-4000:]}")
-            return http_get(f"{self.url}/ready", timeout_s=2)[0] == 200 if _listening(self.port) else False
+            if not _listening(self.port):
+                return False
+            try:  # /ready waits up to 2 s on vLLM's /health, longer on a busy box: not ready yet
+                return http_get(f"{self.url}/ready", timeout_s=10)[0] == 200
+            except (TimeoutError, OSError):
+                return False
 
         if not wait_for(ready, timeout_s, interval_s=0.5):
             raise AssertionError(f"stack not ready in {timeout_s} s:\n{self.log()[-4000:]}")
