@@ -130,6 +130,12 @@ class Stack:
             raise AssertionError(f"expected one vLLM child of student serve, found {servers}")
         return servers[0]
 
+    def vllm_engine(self) -> psutil.Process:
+        """vLLM's engine-core process: suspending it stops every token (and every abort taking
+        effect) while its API server keeps answering, so a test can act on a request that would
+        otherwise finish first on a fast box."""
+        return next(proc for proc in self.alive_descendants() if "EngineCore" in " ".join(proc.cmdline()) or "EngineCore" in proc.name())
+
     def alive_descendants(self) -> list[psutil.Process]:
         alive = []
         for proc in self.descendants:

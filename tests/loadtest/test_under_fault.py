@@ -141,8 +141,9 @@ def test_a_vllm_crash_under_steady_load_leaves_clean_errors_a_matching_ledger_an
         long_stream = LongStream(stack.url)
         long_stream.start()
         assert long_stream.first_token.wait(120) and long_stream.failure is None, long_stream.failure
-        # At once: 4,000 tokens took under 2 s on a fast idle box, 16,000 take far longer (load streams in flight are cut too
-        # when there are any; /stats is too slow to wait for them here).
+        # Freeze the engine at once, so the long answer cannot finish before the crash however
+        # fast the box (load streams in flight are cut too when there are any).
+        stack.vllm_engine().suspend()
         assert long_stream.is_alive(), f"the long stream ended before the crash: {long_stream.data[-3:]}"
         kill_vllm(stack)
         killed_at = time.monotonic() - started

@@ -76,6 +76,12 @@ def read_until_events(sock: socket.socket, count: int) -> bytes:
     return received
 
 
+def gateway_in_flight(stack: Stack) -> int:
+    """Requests the gateway has sent upstream and not finished (its /stats `requests.in_flight`)."""
+    status, body = http_get(f"{stack.url}/stats")
+    return json.loads(body)["requests"]["in_flight"] if status == 200 else -1
+
+
 def gateway_state(stack: Stack) -> str:
     """For failure messages: the gateway's own count of requests and the end of its log."""
     status, body = http_get(f"{stack.url}/stats")
@@ -215,8 +221,9 @@ def test_disconnect_mid_stream_aborts_the_vllm_request(idle_stack: Stack) -> Non
     before = finish_counts(idle_stack)
     sock = open_raw_request(idle_stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True})
     read_until_events(sock, 3)
-    assert wait_for(lambda: vllm_load(idle_stack) == (1, 0), 60), (vllm_load(idle_stack), gateway_state(idle_stack))
-    sock.close()
+    with engine_paused(idle_stack):  # however fast the box, the request cannot finish meanwhile
+        sock.close()
+        assert wait_for(lambda: gateway_in_flight(idle_stack) == 0, 60), gateway_state(idle_stack)
     assert_aborted(idle_stack, before)
 
 
@@ -227,22 +234,26 @@ def test_disconnect_before_first_token_aborts_the_queued_request(idle_stack: Sta
     for sock in busy:
         read_until_events(sock, 1)
     prefilled_tokens = vllm_gauge(idle_stack.vllm_url, "vllm:prompt_tokens_total")
-    queued = open_raw_request(idle_stack.port, "/v1/chat/completions", {**CHAT, **LONG, "stream": True})
-    assert wait_for(lambda: vllm_load(idle_stack) == (2, 1), 60), (vllm_load(idle_stack), gateway_state(idle_stack))
-    queued.close()
-    assert wait_for(lambda: vllm_gauge(idle_stack.vllm_url, "vllm:num_requests_waiting") == 0, 60)
-    for sock in busy:
-        sock.close()
+    with engine_paused(idle_stack):
+        queued = open_raw_request(idle_stack.port, "/v1/chat/completions", {**CHAT, **LONG, "stream": True})
+        assert wait_for(lambda: gateway_in_flight(idle_stack) == 3, 60), gateway_state(idle_stack)
+        queued.close()
+        assert wait_for(lambda: gateway_in_flight(idle_stack) == 2, 60), gateway_state(idle_stack)
+        for sock in busy:
+            sock.close()
+        assert wait_for(lambda: gateway_in_flight(idle_stack) == 0, 60), gateway_state(idle_stack)
     assert_aborted(idle_stack, before)
-    # Had it been promoted to running instead of aborted, its prompt would have been prefilled.
+    # Had it been scheduled instead of aborted, its prompt would have been prefilled.
     assert vllm_gauge(idle_stack.vllm_url, "vllm:prompt_tokens_total") == prefilled_tokens
 
 
 def test_disconnect_from_a_non_streaming_request_aborts_it(idle_stack: Stack) -> None:
     before = finish_counts(idle_stack)
     sock = open_raw_request(idle_stack.port, "/v1/chat/completions", {**CHAT, **LONG})
-    assert wait_for(lambda: vllm_load(idle_stack) == (1, 0), 60), (vllm_load(idle_stack), gateway_state(idle_stack))
-    sock.close()
+    assert wait_for(lambda: gateway_in_flight(idle_stack) == 1, 60), gateway_state(idle_stack)
+    with engine_paused(idle_stack):
+        sock.close()
+        assert wait_for(lambda: gateway_in_flight(idle_stack) == 0, 60), gateway_state(idle_stack)
     assert_aborted(idle_stack, before)
 
 
@@ -301,7 +312,7 @@ def impatient_gateway(own_stack: Stack, tmp_path_factory: pytest.TempPathFactory
 @contextmanager
 def engine_paused(stack: Stack) -> Iterator[None]:
     """SIGSTOP vLLM's engine process: its HTTP server still answers, but no token comes (a hung GPU)."""
-    engine = next(proc for proc in stack.alive_descendants() if "EngineCore" in " ".join(proc.cmdline()) or "EngineCore" in proc.name())
+    engine = stack.vllm_engine()
     engine.suspend()
     try:
         yield
