@@ -29,7 +29,6 @@ instead of failing). It has not been run on a GPU by this module's tests.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -237,12 +236,8 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     return get_peft_model(model, config)
 
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _file_record(path: Path, samples: int) -> dict[str, object]:
-    return {"path": str(path.resolve()), "samples": samples, "sha256": sha256_file(path)}
+    return {"path": str(path.resolve()), "samples": samples, "sha256": merge.sha256_file(path)}
 
 
 def _parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

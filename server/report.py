@@ -25,7 +25,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, TextIO
@@ -308,17 +308,6 @@ def _minus(a: float | None, b: float | None) -> float | None:
 # --- renderings -----------------------------------------------------------------------------
 
 
-def _route_json(route: RouteLine) -> dict[str, Any]:
-    return {
-        "requests": route.requests,
-        "errors": route.errors,
-        "prompt_tokens": route.prompt_tokens,
-        "completion_tokens": route.completion_tokens,
-        "electricity_cost": route.electricity_cost,
-        "cost_usd": route.cost_usd,
-    }
-
-
 def _line_json(line: Line) -> dict[str, Any]:
     return {
         "requests": line.requests,
@@ -335,7 +324,7 @@ def _line_json(line: Line) -> dict[str, Any]:
         "saving_usd": line.saving_usd,
         "energy_reasons": list(line.energy_reasons),
         "remote_cost_usd": line.remote_cost_usd,
-        "routes": {name: _route_json(route) for name, route in (line.routes or {}).items()},
+        "routes": {name: asdict(route) for name, route in (line.routes or {}).items()},
     }
 
 
