@@ -42,6 +42,16 @@ class Slots:
         """Every slot taken and the waiting line full: one more request would get 429."""
         return self.semaphore.locked() and self.waiting >= self.max_queue
 
+    def status(self) -> dict[str, int]:
+        """/stats `admission`: the limits, answers holding a slot, requests in line, refusals since start."""
+        return {
+            "max_in_flight": self.max_in_flight,
+            "max_queue": self.max_queue,
+            "answering": self.in_flight,
+            "waiting": self.waiting,
+            "rejected": self.rejected,
+        }
+
 
 class AdmissionMiddleware:
     """ASGI middleware holding a slot from admission until the answer's last byte is sent.

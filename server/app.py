@@ -87,7 +87,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(dashboard.router)
-    slots = Slots(*settings.admission_limits)
+    slots = app.state.slots = Slots(*settings.admission_limits)
 
     def vllm_running() -> bool:
         return supervisor is None or supervisor.status()[0] == "running"

@@ -172,6 +172,7 @@ async def metrics(recorder: RecorderDep) -> Response:
 
 @router.get("/stats", response_model=None)
 async def stats(
+    request: Request,
     recorder: RecorderDep,
     proxy: ProxyDep,
     window: Annotated[float | None, Query(gt=0, le=MAX_WINDOW_S, description="seconds; default: since start")] = None,
@@ -179,4 +180,6 @@ async def stats(
     """Requests, tokens, latency percentiles, energy and money as JSON (schema in the README)."""
     if recorder is None:
         return error_response(404, TELEMETRY_OFF)
-    return recorder.stats(window, await proxy.vllm_load(), proxy.balancer.status())
+    document = recorder.stats(window, await proxy.vllm_load(), proxy.balancer.status())
+    document["admission"] = request.app.state.slots.status()  # the line now and refusals since start
+    return document
