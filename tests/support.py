@@ -134,7 +134,18 @@ class Stack:
         """vLLM's engine-core process: suspending it stops every token (and every abort taking
         effect) while its API server keeps answering, so a test can act on a request that would
         otherwise finish first on a fast box."""
-        return next(proc for proc in self.alive_descendants() if "EngineCore" in " ".join(proc.cmdline()) or "EngineCore" in proc.name())
+        return engine_core(self.alive_descendants())
+
+    @contextmanager
+    def engine_paused(self) -> Iterator[None]:
+        """SIGSTOP vLLM's engine while the block runs: its HTTP server still takes requests, but
+        no token comes and nothing finishes (a hung GPU, or a box too fast for the test to act)."""
+        engine = self.vllm_engine()
+        engine.suspend()
+        try:
+            yield
+        finally:
+            engine.resume()
 
     def alive_descendants(self) -> list[psutil.Process]:
         alive = []
@@ -151,6 +162,11 @@ class Stack:
             proc.kill()
         if self.process.poll() is None:
             self.process.kill()
+
+
+def engine_core(processes: list[psutil.Process]) -> psutil.Process:
+    """vLLM's engine-core process among `processes` (by its name or command line)."""
+    return next(proc for proc in processes if "EngineCore" in proc.name() or "EngineCore" in " ".join(proc.cmdline()))
 
 
 def start_stack(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Stack:

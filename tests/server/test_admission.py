@@ -2,67 +2,67 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
-import time
 from pathlib import Path
 
-import asyncio
-
+import pytest
 from openai import OpenAI, RateLimitError
 
 from server.admission import AdmissionMiddleware, Slots
 from server.routing import SCOPE_KEY, RouteDecision
-from tests.support import Stack, http_get, post_json, start_stack, wait_for
+from tests.support import Stack, http_get, post_json, running_stack, wait_for
 
-# About 5 s on an idle box (1,500 tokens took 2 s): long enough for the test to line up three.
-LONG = {"max_tokens": 3900, "extra_body": {"ignore_eos": True}}
+ANSWER_TOKENS = 64
 
 
 def test_requests_beyond_the_cap_and_the_line_get_429_and_admitted_ones_finish(
     stack: Stack, tmp_path: Path
 ) -> None:
-    gateway = start_stack(
+    with running_stack(
         ["--upstream", stack.vllm_url, "--max-in-flight", "1", "--max-queue", "1"], tmp_path / "gateway.log"
-    )
-    try:
-        gateway.wait_ready(60)
+    ) as gateway:
         client = OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
         finished: list[int] = []
+        failures: list[BaseException] = []
 
-        def long_answer() -> None:
-            answer = client.completions.create(model="student", prompt="Xin chào", **LONG)
-            finished.append(answer.usage.completion_tokens)
+        def answer() -> None:
+            try:
+                reply = client.completions.create(
+                    model="student", prompt="Xin chào", max_tokens=ANSWER_TOKENS, extra_body={"ignore_eos": True}
+                )
+                finished.append(reply.usage.completion_tokens)
+            except BaseException as exc:  # noqa: BLE001  reported below
+                failures.append(exc)
 
         # Warm up: the client's first call (lazy imports) and the gateway's first request (it
         # learns the served models) can take seconds on a busy box, which would reorder the three.
         client.completions.create(model="student", prompt="Xin chào", max_tokens=2)
-        workers = [threading.Thread(target=long_answer) for _ in range(2)]
-        workers[0].start()
-        assert wait_for(lambda: answering(gateway) >= 1, 30), "the first long answer never started"
-        workers[1].start()
-        time.sleep(0.5)  # the first is answering, the second waits in line
-        try:
-            client.completions.create(model="student", prompt="Xin chào", max_tokens=2)
-            refused = None
-        except RateLimitError as error:
-            refused = error
+        workers = [threading.Thread(target=answer) for _ in range(2)]
+        with stack.engine_paused():  # nothing finishes while the line is filled, however fast the box
+            workers[0].start()
+            assert wait_for(lambda: admission(gateway)["answering"] == 1, 30), (admission(gateway), failures)
+            workers[1].start()
+            assert wait_for(lambda: admission(gateway)["waiting"] == 1, 30), (admission(gateway), failures)
+            with pytest.raises(RateLimitError) as refused:
+                client.completions.create(model="student", prompt="Xin chào", max_tokens=2)
+            assert admission(gateway) == {"max_in_flight": 1, "max_queue": 1, "answering": 1, "waiting": 1, "rejected": 1}
         for worker in workers:
             worker.join(120)
-        assert refused is not None, "a third request must be refused while one answers and one waits"
-        assert refused.response.headers["Retry-After"] == "1" and "at capacity" in refused.message
-        # A request that had waited for a slot would have been answered (200), not refused.
-        assert finished == [3900, 3900]
+        assert refused.value.response.headers["Retry-After"] == "1" and "at capacity" in refused.value.message
+        # The one that had waited for a slot was answered (200), not refused.
+        assert not failures and finished == [ANSWER_TOKENS, ANSWER_TOKENS]
         status, body = post_json(f"{gateway.url}/v1/completions", {"model": "student", "prompt": "a", "max_tokens": 2})
         assert status == 200 and body["usage"]["completion_tokens"] == 2  # capacity is back
-    finally:
-        gateway.stop()
+        assert admission(gateway)["answering"] == admission(gateway)["waiting"] == 0
 
 
-def answering(gateway: Stack) -> int:
-    """Requests the gateway has admitted and sent upstream (its /stats `requests.in_flight`)."""
+def admission(gateway: Stack) -> dict[str, int]:
+    """The gateway's admission line (its /stats `admission`)."""
     status, body = http_get(f"{gateway.url}/stats")
-    return json.loads(body)["requests"]["in_flight"] if status == 200 else 0
+    assert status == 200, body
+    return json.loads(body)["admission"]
 
 
 def test_slots_say_when_the_next_request_would_be_refused_and_remote_requests_take_none() -> None:

@@ -17,7 +17,6 @@ import socket
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from aiohttp import web
 from server.balancer import Balancer, NoHealthyReplica, Replica, Unhealthy, health_probe
 from server.settings import Settings
 from server.supervisor import VllmSupervisor
-from tests.support import Stack, free_port, http_get, post_json, start_stack, wait_for
+from tests.support import Stack, engine_core, free_port, http_get, post_json, start_stack, wait_for
 
 A, B, C = "http://a:8001", "http://b:8001", "http://c:8001"
 
@@ -330,8 +329,8 @@ def test_health_probe_over_real_http(health_server: tuple[str, dict[str, int]]) 
 
 # --- end to end: two real vLLM replicas ---------------------------------------------------------
 
-# Thousands of tokens: seconds of work even for the tiny model (the test aborts it when done).
-LONG = {"model": "student", "prompt": "Xin chào", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+# Held in flight by a frozen engine, not by its length (the test aborts it when done).
+LONG = {"model": "student", "prompt": "Xin chào", "max_tokens": 256, "ignore_eos": True, "stream": True}
 SHORT = {"model": "student", "prompt": "hi", "max_tokens": 2}
 
 
@@ -418,17 +417,24 @@ def test_a_request_goes_to_the_less_loaded_replica(pair: Pair) -> None:
         seen.update(replicas(gateway))
         return sorted(entry["outstanding"] for entry in seen.values()) == [0, 1]
 
-    with streaming(gateway, LONG):  # one long answer keeps one replica busy
-        assert wait_for(one_busy, 30), seen
-        busy = next(url for url, entry in seen.items() if entry["outstanding"] == 1)
-        # Paused, the busy replica's engine keeps the answer in flight and leaves the two cores
-        # of a small test machine to the other replica.
-        with engine_paused(pair.roots[busy]):
+    # Both engines frozen: the long answer cannot finish before it is seen, however fast the box.
+    engines = {url: engine_below(root) for url, root in pair.roots.items()}
+    for engine in engines.values():
+        engine.suspend()
+    try:
+        with streaming(gateway, LONG):  # one answer held in flight keeps one replica busy
+            assert wait_for(one_busy, 30), seen
+            busy = next(url for url, entry in seen.items() if entry["outstanding"] == 1)
+            idle = next(url for url in engines if url != busy)
+            engines[idle].resume()  # the busy one stays frozen, leaving the two cores to the other
             before = served(gateway)
             for _ in range(3):
                 assert post_json(f"{gateway.url}/v1/completions", SHORT)[0] == 200
             after = replicas(gateway)
         assert after[busy]["outstanding"] == 1
+    finally:
+        for engine in engines.values():
+            engine.resume()
     assert after[busy]["requests"]["ok"] == before[busy]  # all three went to the idle replica
     assert sum(entry["requests"]["ok"] for entry in after.values()) - sum(before.values()) == 3
 
@@ -460,16 +466,9 @@ def test_a_killed_replica_is_ejected_then_returns_when_healthy(pair: Pair, secon
     assert served(gateway)[second_url] - before[second_url] >= 1
 
 
-@contextmanager
-def engine_paused(root_pid: int) -> Iterator[None]:
-    """SIGSTOP the vLLM engine process under `root_pid` (its HTTP server keeps answering)."""
-    below = psutil.Process(root_pid).children(recursive=True)
-    engine = next(proc for proc in below if "EngineCore" in proc.name() or "EngineCore" in " ".join(proc.cmdline()))
-    engine.suspend()
-    try:
-        yield
-    finally:
-        engine.resume()
+def engine_below(root_pid: int) -> psutil.Process:
+    """The vLLM engine process under `root_pid`: suspended, its HTTP server keeps answering."""
+    return engine_core(psutil.Process(root_pid).children(recursive=True))
 
 
 class streaming:

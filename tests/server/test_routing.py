@@ -311,25 +311,31 @@ def test_fallback_to_remote_when_admission_would_refuse(stack: Stack, remote: St
          *HYBRID_ARGS], tmp_path / "serve.log", env={"CLOUD_KEY": CLOUD_KEY},
     ) as gateway:  # fmt: skip
         send(gateway.url, chat_payload("warm up", max_tokens=2))  # the model list is known: no stall below
-        long_answer: list[tuple[int, dict[str, str], bytes]] = []
-        # About 5 s on an idle box: the one slot is taken while the requests below are decided.
-        long_body = {"model": "student", "prompt": "Xin chào", "max_tokens": 3900, "ignore_eos": True}
-        worker = threading.Thread(
-            target=lambda: long_answer.append(send(gateway.url, long_body, path="/v1/completions"))
-        )
-        worker.start()
-        try:
-            started = wait_for(lambda: stats(gateway.url)["requests"]["in_flight"] >= 1 or long_answer, 30)
-            assert started and not long_answer, f"the long answer never started: {long_answer}"
-            # Both are decided on arrival; the refusal first, as it is answered at once.
+        answers: dict[str, tuple[int, dict[str, str], bytes]] = {}
+
+        def answer(name: str, body: dict, path: str = "/v1/chat/completions") -> threading.Thread:
+            worker = threading.Thread(target=lambda: answers.setdefault(name, send(gateway.url, body, path=path)))
+            worker.start()
+            return worker
+
+        long_body = {"model": "student", "prompt": "Xin chào", "max_tokens": 64, "ignore_eos": True}
+        # The remote here is a gateway in front of the same vLLM: both answers wait for the engine.
+        with stack.engine_paused():  # nothing finishes: the one slot stays taken while requests are decided
+            workers = [answer("long", long_body, path="/v1/completions")]
+            assert wait_for(lambda: stats(gateway.url)["admission"]["answering"] == 1, 30), stats(gateway.url)
+            # Decided on arrival: a refusal is answered at once, a fallback goes to the remote.
             status, headers, body = send(gateway.url, chat_payload("hi", max_tokens=2), {"X-Student-Route": "local"})
             assert status == 429 and "at capacity" in json.loads(body)["error"]["message"]
             assert route_of(headers) == ("local", "header")  # asked for local: local's answer
-            status, headers, _ = send(gateway.url, chat_payload("Đơn hàng của tôi đang ở đâu?", max_tokens=2))
-            assert status == 200 and route_of(headers) == ("remote", "fallback:capacity")
-        finally:
+            workers.append(answer("fallback", chat_payload("Đơn hàng của tôi đang ở đâu?", max_tokens=2)))
+            assert wait_for(lambda: stats(remote.url)["requests"]["in_flight"] >= 1, 30), "the remote never got it"
+        for worker in workers:
             worker.join(120)
-        assert long_answer[0][0] == 200 and route_of(long_answer[0][1]) == ("local", "default")
+        status, headers, _ = answers["fallback"]
+        assert status == 200 and route_of(headers) == ("remote", "fallback:capacity")
+        status, headers, body = answers["long"]
+        assert status == 200 and route_of(headers) == ("local", "default")
+        assert json.loads(body)["usage"]["completion_tokens"] == 64
 
 
 def _status(url: str) -> int:
