@@ -43,10 +43,14 @@ class Counted:
 
 
 def run_workload(base_url: str, max_tokens: int = 12, extra: dict | None = None) -> Counted:
-    """Streamed and whole chat and text completions, every one with usage visible to the client."""
+    """Streamed and whole chat and text completions, every one with usage visible to the client.
+
+    Every answer runs to `max_tokens` (`ignore_eos`): a random model's answer may otherwise end
+    at its first token with no text, and a stream without text has no time to first token.
+    """
     client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
     counted = Counted()
-    body = {"max_tokens": max_tokens, "extra_body": extra or {}}
+    body = {"max_tokens": max_tokens, "extra_body": {"ignore_eos": True, **(extra or {})}}
     for prompt in PROMPTS:
         messages = [{"role": "user", "content": prompt}]
         counted.add(client.chat.completions.create(model="student", messages=messages, **body).usage)
