@@ -16,11 +16,11 @@ Afterwards:
 3. The service recovered without a manual step: `/ready` is 200 again and one more chat
    request is answered.
 
-To be sure the kill cuts a stream mid-way, the test opens one long stream of its own with vLLM's
+To be sure the kill cuts an open stream, the test opens one long stream of its own with vLLM's
 engine frozen (SIGSTOP) and kills vLLM once the stream's headers have arrived; that stream must
-end with an error event and `[DONE]`. Freezing first is what makes "mid-way" certain: tokens the
-engine had already made still reach the client after a later freeze, and on a fast box a whole
-long answer can be in that pipeline when its first token shows. Only counts and shapes are
+end with an error event and `[DONE]`. Freezing first is what makes "still open" certain: tokens
+the engine had already made can still reach the client after a later freeze, and on a fast box a
+whole long answer can be in that pipeline when its first token shows. Only counts and shapes are
 asserted, never timings (the box is small and shared).
 """
 
