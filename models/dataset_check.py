@@ -30,7 +30,9 @@ normalised user text; the normalised messages when it has no user turn). A sampl
 on nothing but itself and the seed, so adding samples never moves existing ones; and all
 samples asking the same question land on the same side, so no question leaks from training into
 validation. Rows are written unchanged (extra keys kept) in file order; malformed lines and the
-later copies of exact duplicates are left out. One exception keeps tiny sets usable: when the
+later copies of exact duplicates are left out, and with `--drop-flagged` the samples with a
+near-empty answer and the `cot` samples without reasoning too (the check still fails on them: it
+judges the file; the split is what is fit to train on). One exception keeps tiny sets usable: when the
 hash puts no question in validation (or none in train) and there are at least two distinct
 questions, the one with the smallest (largest) hash is moved there. Both files are rewritten on
 every run.
@@ -103,6 +105,7 @@ class Split:
     left_out_duplicates: int
     validation_fraction: float
     seed: int
+    left_out_flagged: int = 0  # near-empty answers and cot without reasoning, with --drop-flagged
 
 
 @dataclass(frozen=True)
@@ -304,11 +307,13 @@ def split_bucket(key: str, seed: int) -> float:
 
 
 def split_rows(
-    rows: Sequence[Row], validation_fraction: float, seed: int
+    rows: Sequence[Row], validation_fraction: float, seed: int, leave_out: frozenset[int] = frozenset()
 ) -> tuple[list[Row], list[Row], int]:
-    """(train, validation, left-out duplicates): see the module docstring for the rule."""
+    """(train, validation, left-out duplicates) of the rows whose lines are not in `leave_out`:
+    see the module docstring for the rule."""
     seen: set[str] = set()
     kept: list[Row] = []
+    rows = [row for row in rows if row.line not in leave_out]
     for row in rows:
         key = exact_key(row.sample)
         if key not in seen:
@@ -336,15 +341,16 @@ def write_jsonl(rows: Sequence[Row], path: Path) -> None:
 
 
 def write_split(
-    rows: Sequence[Row], directory: Path, validation_fraction: float, seed: int
+    rows: Sequence[Row], directory: Path, validation_fraction: float, seed: int, leave_out: frozenset[int] = frozenset()
 ) -> Split:
     if directory.exists() and not directory.is_dir():
         raise CheckError(f"--split-out {directory} exists and is not a directory")
-    train, validation, duplicates = split_rows(rows, validation_fraction, seed)
+    train, validation, duplicates = split_rows(rows, validation_fraction, seed, leave_out)
     directory.mkdir(parents=True, exist_ok=True)
     write_jsonl(train, directory / TRAIN_FILE)
     write_jsonl(validation, directory / VALIDATION_FILE)
-    return Split(str(directory), len(train), len(validation), duplicates, validation_fraction, seed)
+    flagged = sum(row.line in leave_out for row in rows)
+    return Split(str(directory), len(train), len(validation), duplicates, validation_fraction, seed, flagged)
 
 
 def _plural(count: int, word: str) -> str:
@@ -359,10 +365,14 @@ def check_dataset(
     split_out: Path | None = None,
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
     seed: int = 0,
+    drop_flagged: bool = False,
 ) -> CheckReport:
-    """Check `path` and, with `split_out`, write the train/validation split there."""
+    """Check `path` and, with `split_out`, write the train/validation split there (without the
+    near-empty and cot-without-reasoning samples when `drop_flagged`)."""
     if min_per_task < 0 or min_answer_chars < 0:
         raise CheckError("--min-per-task and --min-answer-chars must not be negative")
+    if drop_flagged and split_out is None:
+        raise CheckError("--drop-flagged leaves samples out of the split: it needs --split-out DIR")
     if not 0.0 < validation_fraction < 1.0:
         raise CheckError(f"--validation-fraction must be between 0 and 1, not {validation_fraction}")
     lines, rows, malformed = read_rows(Path(path))
@@ -398,7 +408,8 @@ def check_dataset(
 
     split = None
     if split_out is not None and rows:
-        split = write_split(rows, Path(split_out), validation_fraction, seed)
+        leave_out = frozenset(entry.line for entry in (*empty, *no_reasoning)) if drop_flagged else frozenset()
+        split = write_split(rows, Path(split_out), validation_fraction, seed, leave_out)
         if split.validation == 0:
             warnings.append("the validation split is empty: there are too few distinct questions")
     return CheckReport(
@@ -434,6 +445,10 @@ def _lines(group: LineGroup) -> str:
     return "lines " + ", ".join(str(line) for line in group.lines) + f": {group.text[:60]!r}"
 
 
+def _flagged_note(split: Split) -> str:
+    return f", {split.left_out_flagged} flagged" if split.left_out_flagged else ""
+
+
 def format_report(report: CheckReport) -> str:
     """The human-readable report: a per-task table, then each finding with its line numbers."""
     out = [f"dataset check: {report.file} ({report.lines} lines, {report.samples} usable samples)", ""]
@@ -466,7 +481,7 @@ def format_report(report: CheckReport) -> str:
         out.append(
             f"split: {split.train} train, {split.validation} validation "
             f"(fraction {split.validation_fraction}, seed {split.seed}; "
-            f"{split.left_out_duplicates} duplicates left out) in {split.directory}"
+            f"{split.left_out_duplicates} duplicates{_flagged_note(split)} left out) in {split.directory}"
         )
     out.append("")
     out += [f"warning: {warning}" for warning in report.warnings]
@@ -512,6 +527,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"write {TRAIN_FILE} and {VALIDATION_FILE} there (rewritten on every run)",
     )
     check.add_argument(
+        "--drop-flagged",
+        action="store_true",
+        help="leave samples with a near-empty answer and cot samples without reasoning out of the split "
+        "(the check still reports them)",
+    )
+    check.add_argument(
         "--validation-fraction",
         type=float,
         default=DEFAULT_VALIDATION_FRACTION,
@@ -532,6 +553,7 @@ def run(args: argparse.Namespace) -> int:
             split_out=args.split_out,
             validation_fraction=args.validation_fraction,
             seed=args.seed,
+            drop_flagged=args.drop_flagged,
         )
     except (CheckError, OSError) as error:
         print(f"student dataset check: error: {error}", file=sys.stderr)

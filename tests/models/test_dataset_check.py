@@ -257,6 +257,31 @@ def test_a_tiny_split_still_gets_one_validation_question(tmp_path: Path) -> None
     assert split is not None and (split.train, split.validation) == (2, 1)
 
 
+def test_drop_flagged_leaves_empty_answers_and_cot_without_reasoning_out_of_the_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = row("Shop ơi?", "", id="empty")
+    bare_cot = row("Vì sao đơn bị hủy?", "Đơn bị hủy.", "cot", id="bare")
+    rows = [*numbered_rows(0, 20), empty, bare_cot, empty]
+    path = write(tmp_path / "data.jsonl", rows)
+    argv = [str(path), "--min-per-task", "1", "--split-out"]
+
+    kept_code, kept_out, _ = run_cli([*argv, str(tmp_path / "all")], capsys)
+    code, out, _ = run_cli([*argv, str(tmp_path / "clean"), "--drop-flagged"], capsys)
+
+    def ids(name: str) -> list[str]:
+        sides = [read_jsonl(tmp_path / name / f"{side}.jsonl") for side in ("train", "validation")]
+        return sorted(str(item["id"]) for side in sides for item in side)
+
+    assert ids("all") == sorted([*(f"s{n}" for n in range(20)), "empty", "bare"])
+    assert ids("clean") == sorted(f"s{n}" for n in range(20))
+    assert "1 duplicates left out" in kept_out
+    assert "0 duplicates, 3 flagged left out" in out  # flagged first: both copies of `empty`
+    assert code == kept_code == 1 and "1 cot sample without reasoning" in out  # the file still fails
+    report = check_dataset(path, min_per_task=1, split_out=tmp_path / "again", drop_flagged=True)
+    assert report.split is not None and report.split.left_out_flagged == 3
+
+
 def test_json_report_lists_everything_and_the_exit_status_follows_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -301,6 +326,7 @@ def test_long_findings_are_cut_in_the_table_but_not_in_json(
         (["{tmp}"], "dataset path {tmp} is not a file"),
         (["{data}", "--validation-fraction", "1"], "--validation-fraction must be between 0 and 1, not 1.0"),
         (["{data}", "--split-out", "{data}"], "--split-out {data} exists and is not a directory"),
+        (["{data}", "--drop-flagged"], "--drop-flagged leaves samples out of the split: it needs --split-out DIR"),
     ],
 )
 def test_unusable_input_is_a_one_line_error(
