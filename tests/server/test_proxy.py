@@ -75,6 +75,16 @@ def read_until_events(sock: socket.socket, count: int) -> bytes:
     return received
 
 
+def read_headers(sock: socket.socket) -> bytes:
+    """The response's status line and headers (the gateway sends them when vLLM does)."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before the headers: {received!r}"
+        received += chunk
+    return received
+
+
 def gateway_in_flight(stack: Stack) -> int:
     """Requests the gateway has sent upstream and not finished (its /stats `requests.in_flight`)."""
     status, body = http_get(f"{stack.url}/stats")
@@ -233,9 +243,12 @@ def test_disconnect_before_first_token_aborts_the_queued_request(idle_stack: Sta
     for sock in busy:
         read_until_events(sock, 1)
     prefilled_tokens = vllm_gauge(idle_stack.vllm_url, "vllm:prompt_tokens_total")
-    queued = open_raw_request(idle_stack.port, "/v1/chat/completions", {**CHAT, **LONG, "stream": True})
-    assert wait_for(lambda: vllm_load(idle_stack) == (2, 1), 60), gateway_state(idle_stack)  # vLLM holds it: see the next test
     with idle_stack.engine_paused():
+        queued = open_raw_request(idle_stack.port, "/v1/chat/completions", {**CHAT, **LONG, "stream": True})
+        # vLLM sends a stream's headers just before it adds the request to its engine: closing
+        # earlier can cancel it inside that step and leave it running (see the next test).
+        assert read_headers(queued).startswith(b"HTTP/1.1 200"), gateway_state(idle_stack)
+        assert gateway_in_flight(idle_stack) == 3, gateway_state(idle_stack)
         queued.close()
         assert wait_for(lambda: gateway_in_flight(idle_stack) == 2, 60), gateway_state(idle_stack)
         for sock in busy:
