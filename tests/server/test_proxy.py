@@ -110,6 +110,20 @@ def assert_idle_soon(stack: Stack, timeout_s: float = 60.0, why: str = "vLLM sti
     assert wait_for(lambda: vllm_load(stack) == (0, 0), timeout_s), f"{why}: (running, waiting) = {vllm_load(stack)}"
 
 
+def vllm_handled(stack: Stack) -> int:
+    """Generation requests vLLM's API server is done with: answered, or dropped because the
+    client left (its `http_requests_total`, counted when the handler ends).
+
+    A dropped request's abort is sent to the engine before that, so waiting for it while the
+    engine is frozen means the engine sees the abort before its next step. Resumed earlier, the
+    engine may run the request on while a starved API server (two cores) has not yet noticed the
+    disconnect: a fresh-clone run saw a 16,184-token request run to its end that way.
+    """
+    _, text = http_get(f"{stack.vllm_url}/metrics")
+    pattern = r'^http_requests_total\{[^}]*handler="/v1/(?:chat/)?completions"[^}]*\} (\S+)$'
+    return sum(int(float(value)) for value in re.findall(pattern, text.decode(), re.MULTILINE))
+
+
 def finish_counts(stack: Stack) -> Counter[str]:
     """vLLM's finished requests by reason (`abort`, `length`, `stop`, ...), from its counters."""
     _, text = http_get(f"{stack.vllm_url}/metrics")
@@ -227,18 +241,19 @@ def test_models_lists_the_served_model(stack: Stack) -> None:
 
 
 def test_disconnect_mid_stream_aborts_the_vllm_request(idle_stack: Stack) -> None:
-    before = finish_counts(idle_stack)
+    before, handled = finish_counts(idle_stack), vllm_handled(idle_stack)
     sock = open_raw_request(idle_stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True})
     read_until_events(sock, 3)
     with idle_stack.engine_paused():  # however fast the box, the request cannot finish meanwhile
         sock.close()
         assert wait_for(lambda: gateway_in_flight(idle_stack) == 0, 60), gateway_state(idle_stack)
+        assert wait_for(lambda: vllm_handled(idle_stack) == handled + 1, 60), gateway_state(idle_stack)
     assert_aborted(idle_stack, before)
 
 
 def test_disconnect_before_first_token_aborts_the_queued_request(idle_stack: Stack) -> None:
     # The stack runs at most 2 sequences: fill both, so the third waits for its first token.
-    before = finish_counts(idle_stack)
+    before, handled = finish_counts(idle_stack), vllm_handled(idle_stack)
     busy = [open_raw_request(idle_stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True}) for _ in range(2)]
     for sock in busy:
         read_until_events(sock, 1)
@@ -246,28 +261,31 @@ def test_disconnect_before_first_token_aborts_the_queued_request(idle_stack: Sta
     with idle_stack.engine_paused():
         queued = open_raw_request(idle_stack.port, "/v1/chat/completions", {**CHAT, **LONG, "stream": True})
         # vLLM sends a stream's headers just before it adds the request to its engine: closing
-        # earlier can cancel it inside that step and leave it running (see the next test).
+        # earlier could cancel it inside that step, where vLLM sends no abort.
         assert read_headers(queued).startswith(b"HTTP/1.1 200"), gateway_state(idle_stack)
         assert gateway_in_flight(idle_stack) == 3, gateway_state(idle_stack)
         queued.close()
         assert wait_for(lambda: gateway_in_flight(idle_stack) == 2, 60), gateway_state(idle_stack)
+        assert wait_for(lambda: vllm_handled(idle_stack) == handled + 1, 60), gateway_state(idle_stack)
         for sock in busy:
             sock.close()
         assert wait_for(lambda: gateway_in_flight(idle_stack) == 0, 60), gateway_state(idle_stack)
+        assert wait_for(lambda: vllm_handled(idle_stack) == handled + 3, 60), gateway_state(idle_stack)
     assert_aborted(idle_stack, before)
     # Had it been scheduled instead of aborted, its prompt would have been prefilled.
     assert vllm_gauge(idle_stack.vllm_url, "vllm:prompt_tokens_total") == prefilled_tokens
 
 
 def test_disconnect_from_a_non_streaming_request_aborts_it(idle_stack: Stack) -> None:
-    before = finish_counts(idle_stack)
-    sock = open_raw_request(idle_stack.port, "/v1/chat/completions", {**CHAT, **LONG})
-    # Only once vLLM holds the request: a disconnect while its API server is still adding the
-    # request can leave it running to the end (vLLM's own race: seen once, `length: 1`).
-    assert wait_for(lambda: vllm_load(idle_stack) == (1, 0), 60), gateway_state(idle_stack)
+    before, handled = finish_counts(idle_stack), vllm_handled(idle_stack)
+    # Frozen from the start: while the engine runs, vLLM's API server can fall behind it here
+    # (two cores), and its gauges with it, so "vLLM holds the request" cannot be waited for.
     with idle_stack.engine_paused():
+        sock = open_raw_request(idle_stack.port, "/v1/chat/completions", {**CHAT, **LONG})
+        assert wait_for(lambda: gateway_in_flight(idle_stack) == 1, 60), gateway_state(idle_stack)
         sock.close()
         assert wait_for(lambda: gateway_in_flight(idle_stack) == 0, 60), gateway_state(idle_stack)
+        assert wait_for(lambda: vllm_handled(idle_stack) == handled + 1, 60), gateway_state(idle_stack)
     assert_aborted(idle_stack, before)
 
 
