@@ -117,7 +117,7 @@ def vllm_handled(stack: Stack) -> int:
     A dropped request's abort is sent to the engine before that, so waiting for it while the
     engine is frozen means the engine sees the abort before its next step. Resumed earlier, the
     engine may run the request on while a starved API server (two cores) has not yet noticed the
-    disconnect: a fresh-clone run saw a 16,184-token request run to its end that way.
+    disconnect (a fresh-clone run saw a dropped 16,184-token request run to its end).
     """
     _, text = http_get(f"{stack.vllm_url}/metrics")
     pattern = r'^http_requests_total\{[^}]*handler="/v1/(?:chat/)?completions"[^}]*\} (\S+)$'
