@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ from typing import Any
 
 import psutil
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 
 STUDENT = str(Path(sys.executable).with_name("student"))
@@ -51,14 +51,30 @@ def post_json(url: str, body: dict, timeout_s: float = 120.0) -> tuple[int, dict
         return exc.code, json.loads(exc.read())
 
 
+def metric_samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample called `name` in the Prometheus text at `url`/metrics, with its labels."""
+    _, text = http_get(f"{url}/metrics")
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text.decode())
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
 def vllm_gauge(vllm_url: str, name: str) -> float:
     """Sum of a vLLM Prometheus gauge, e.g. `vllm:num_requests_running`."""
-    _, text = http_get(f"{vllm_url}/metrics")
-    pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
-    values = [float(v) for v in pattern.findall(text.decode())]
+    values = [value for _, value in metric_samples(vllm_url, name)]
     if not values:
         raise AssertionError(f"{name} not in vLLM metrics")
     return sum(values)
+
+
+def gateway_stats(url: str, window_s: float | None = None) -> dict[str, Any]:
+    """The gateway's /stats document (for the last `window_s` seconds, or since start)."""
+    status, body = http_get(f"{url}/stats" + ("" if window_s is None else f"?window={window_s}"))
+    assert status == 200, body
+    return json.loads(body)
 
 
 def wait_for(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from openai import OpenAI, RateLimitError
 
 from server.admission import AdmissionMiddleware, Slots
 from server.routing import SCOPE_KEY, RouteDecision
-from tests.support import Stack, http_get, post_json, running_stack, wait_for
+from tests.support import Stack, gateway_stats, post_json, running_stack, wait_for
 
 ANSWER_TOKENS = 64
 
@@ -60,9 +59,7 @@ def test_requests_beyond_the_cap_and_the_line_get_429_and_admitted_ones_finish(
 
 def admission(gateway: Stack) -> dict[str, int]:
     """The gateway's admission line (its /stats `admission`)."""
-    status, body = http_get(f"{gateway.url}/stats")
-    assert status == 200, body
-    return json.loads(body)["admission"]
+    return gateway_stats(gateway.url)["admission"]
 
 
 def test_slots_say_when_the_next_request_would_be_refused_and_remote_requests_take_none() -> None:

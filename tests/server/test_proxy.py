@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
 import socket
 from collections import Counter
 from collections.abc import Iterator
@@ -13,8 +12,19 @@ from pathlib import Path
 import openai
 import pytest
 
+from server.admission import GENERATION_PATHS
 from tests.conftest import LONG_CONTEXT_TOKENS, LONG_STACK_ARGS
-from tests.support import VLLM_READY_TIMEOUT_S, Stack, http_get, post_json, running_stack, start_stack, vllm_gauge, wait_for
+from tests.support import (
+    VLLM_READY_TIMEOUT_S,
+    Stack,
+    http_get,
+    metric_samples,
+    post_json,
+    running_stack,
+    start_stack,
+    vllm_gauge,
+    wait_for,
+)
 
 CHAT = {
     "model": "student",
@@ -119,17 +129,15 @@ def vllm_handled(stack: Stack) -> int:
     engine may run the request on while a starved API server (two cores) has not yet noticed the
     disconnect (a fresh-clone run saw a dropped 16,184-token request run to its end).
     """
-    _, text = http_get(f"{stack.vllm_url}/metrics")
-    pattern = r'^http_requests_total\{[^}]*handler="/v1/(?:chat/)?completions"[^}]*\} (\S+)$'
-    return sum(int(float(value)) for value in re.findall(pattern, text.decode(), re.MULTILINE))
+    samples = metric_samples(stack.vllm_url, "http_requests_total")
+    return sum(int(value) for labels, value in samples if labels.get("handler") in GENERATION_PATHS)
 
 
 def finish_counts(stack: Stack) -> Counter[str]:
     """vLLM's finished requests by reason (`abort`, `length`, `stop`, ...), from its counters."""
-    _, text = http_get(f"{stack.vllm_url}/metrics")
     counts: Counter[str] = Counter()
-    for reason, value in re.findall(r'^vllm:request_success_total\{[^}]*finished_reason="(\w+)"[^}]*\} (\S+)$', text.decode(), re.MULTILINE):
-        counts[reason] += int(float(value))
+    for labels, value in metric_samples(stack.vllm_url, "vllm:request_success_total"):
+        counts[labels["finished_reason"]] += int(value)
     return counts
 
 

@@ -23,7 +23,7 @@ from server.app import create_app
 from server.ledger import read_requests
 from server.power import SteadySource
 from server.settings import Settings
-from tests.support import Stack, free_port, http_get, start_stack, uvicorn_in_thread, wait_for
+from tests.support import Stack, free_port, gateway_stats, http_get, start_stack, uvicorn_in_thread, wait_for
 
 PROMPTS = ["Đơn hàng #12345 của tôi đang ở đâu?", "Chính sách đổi trả thế nào?", "Tôi muốn dùng mã giảm giá."]
 
@@ -69,12 +69,6 @@ def run_workload(base_url: str, max_tokens: int = 12, extra: dict | None = None)
     return counted
 
 
-def stats(url: str, window_s: float | None = None) -> dict:
-    status, body = http_get(f"{url}/stats" + ("" if window_s is None else f"?window={window_s}"))
-    assert status == 200, body
-    return json.loads(body)
-
-
 def metric_sums(url: str) -> dict[str, float]:
     """Each sample name of /metrics (parsed by prometheus-client) summed over its labels."""
     status, body = http_get(f"{url}/metrics")
@@ -93,12 +87,12 @@ def ledger_sums(path: Path) -> Counted:
 
 
 def test_stats_metrics_and_ledger_agree_exactly_with_the_client(stack: Stack) -> None:
-    assert wait_for(lambda: stats(stack.url)["requests"]["in_flight"] == 0, 60)
-    stats_before, metrics_before, ledger_before = stats(stack.url), metric_sums(stack.url), ledger_sums(stack.ledger_path)
+    assert wait_for(lambda: gateway_stats(stack.url)["requests"]["in_flight"] == 0, 60)
+    stats_before, metrics_before, ledger_before = gateway_stats(stack.url), metric_sums(stack.url), ledger_sums(stack.ledger_path)
 
     counted = run_workload(stack.url)
 
-    after = stats(stack.url)
+    after = gateway_stats(stack.url)
     assert after["requests"]["total"] - stats_before["requests"]["total"] == counted.requests == 12
     assert after["requests"]["ok"] - stats_before["requests"]["ok"] == counted.requests
     assert after["requests"]["error"] == stats_before["requests"]["error"]
@@ -129,16 +123,16 @@ def test_stats_metrics_and_ledger_agree_exactly_with_the_client(stack: Stack) ->
 def test_a_window_counts_only_its_own_requests(stack: Stack) -> None:
     run_workload(stack.url, max_tokens=2)
     time.sleep(1.5)
-    assert stats(stack.url, window_s=1.0)["requests"]["total"] == 0
+    assert gateway_stats(stack.url, window_s=1.0)["requests"]["total"] == 0
     counted = run_workload(stack.url, max_tokens=2)
-    recent = stats(stack.url, window_s=1.0 + 1.0)
+    recent = gateway_stats(stack.url, window_s=1.0 + 1.0)
     assert recent["window_s"] == 2.0
     assert recent["requests"]["total"] >= 1  # the workload takes longer than the window on a slow box
-    assert stats(stack.url, window_s=600)["requests"]["total"] >= 2 * counted.requests
+    assert gateway_stats(stack.url, window_s=600)["requests"]["total"] >= 2 * counted.requests
 
 
 def test_energy_here_is_unavailable_with_a_reason_everywhere(stack: Stack) -> None:
-    energy, cost = stats(stack.url)["energy"], stats(stack.url)["cost"]
+    energy, cost = gateway_stats(stack.url)["energy"], gateway_stats(stack.url)["cost"]
     assert energy["status"] == "unavailable" and "NVML" in energy["reason"] and "RAPL" in energy["reason"]
     assert energy["total_j"] is None and energy["power_w"] is None  # never a 0 J that was not measured
     assert cost["electricity"] is None and cost["projected_month"] is None and cost["per_request"] is None
@@ -195,7 +189,7 @@ def test_measured_energy_is_attributed_to_every_request_and_adds_up(
     assert all(chunk.usage is None for chunk in chunks)  # the running usage asked for the meter is removed
     assert sum(len(c.choices[0].delta.content or "") for c in chunks if c.choices) > 0
 
-    now = stats(url)
+    now = gateway_stats(url)
     energy = now["energy"]
     assert (energy["status"], energy["source"]) == ("ok", "steady-test-source")
     rows = read_requests(settings.ledger_path)

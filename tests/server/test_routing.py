@@ -35,7 +35,7 @@ from server.routing import (
     response_headers,
 )
 from server.settings import Settings
-from tests.support import Stack, free_port, http_get, running_stack, start_stack, uvicorn_in_thread, wait_for
+from tests.support import Stack, free_port, gateway_stats, http_get, running_stack, start_stack, uvicorn_in_thread, wait_for
 
 RULES = RoutingRules.of("X-Student-Route", ["remote", "deepseek-chat"], DEFAULT_KEYWORDS, fallback=True)
 READY = LocalState(ready=True, at_capacity=False)
@@ -176,12 +176,6 @@ def route_of(headers: dict[str, str]) -> tuple[str, str]:
     return headers["x-student-route"], unquote(headers["x-student-route-reason"])
 
 
-def stats(url: str) -> dict:
-    status, body = http_get(f"{url}/stats")
-    assert status == 200, body
-    return json.loads(body)
-
-
 @pytest.fixture(scope="module")
 def remote(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The stand-in cloud API: a gateway in front of the session's vLLM that wants its key."""
@@ -248,7 +242,7 @@ def test_a_bad_route_header_is_a_400(hybrid: Stack) -> None:
 
 
 def test_stats_show_the_remote_without_its_key(hybrid: Stack, remote: Stack) -> None:
-    routes = stats(hybrid.url)["routes"]
+    routes = gateway_stats(hybrid.url)["routes"]
     assert routes["remote"]["url"] == remote.url and routes["remote"]["model"] == "student"
     assert routes["remote"]["price"] == {"input_usd_per_mtok": PRICE[0], "output_usd_per_mtok": PRICE[1]}
     status, body = http_get(f"{hybrid.url}/stats")
@@ -322,13 +316,13 @@ def test_fallback_to_remote_when_admission_would_refuse(stack: Stack, remote: St
         # The remote here is a gateway in front of the same vLLM: both answers wait for the engine.
         with stack.engine_paused():  # nothing finishes: the one slot stays taken while requests are decided
             workers = [answer("long", long_body, path="/v1/completions")]
-            assert wait_for(lambda: stats(gateway.url)["admission"]["answering"] == 1, 30), stats(gateway.url)
+            assert wait_for(lambda: gateway_stats(gateway.url)["admission"]["answering"] == 1, 30), gateway_stats(gateway.url)
             # Decided on arrival: a refusal is answered at once, a fallback goes to the remote.
             status, headers, body = send(gateway.url, chat_payload("hi", max_tokens=2), {"X-Student-Route": "local"})
             assert status == 429 and "at capacity" in json.loads(body)["error"]["message"]
             assert route_of(headers) == ("local", "header")  # asked for local: local's answer
             workers.append(answer("fallback", chat_payload("Đơn hàng của tôi đang ở đâu?", max_tokens=2)))
-            assert wait_for(lambda: stats(remote.url)["requests"]["in_flight"] >= 1, 30), "the remote never got it"
+            assert wait_for(lambda: gateway_stats(remote.url)["requests"]["in_flight"] >= 1, 30), "the remote never got it"
         for worker in workers:
             worker.join(120)
         status, headers, _ = answers["fallback"]
@@ -382,7 +376,7 @@ def test_per_route_costs_add_up(measured_hybrid: tuple[str, Settings]) -> None:
     remote_usd = sum((row.prompt_tokens * PRICE[0] + row.completion_tokens * PRICE[1]) / 1e6 for row in remote)
     assert remote_usd > 0 and sum(row.remote_cost_usd for row in remote) == pytest.approx(remote_usd)
 
-    routes = stats(url)["routes"]
+    routes = gateway_stats(url)["routes"]
     assert routes["local"]["requests"]["total"] == 2 and routes["remote"]["requests"]["total"] == 5
     assert routes["remote"]["reasons"] == {"keyword:so sánh": 2, "keyword:tại sao": 2, "model": 1}
     assert routes["local"]["energy_j"] == pytest.approx(sum(row.energy_j for row in local))
