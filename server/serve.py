@@ -14,8 +14,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
@@ -24,7 +24,10 @@ from server.app import create_app
 from server.auth import KeyFileError, load_keys
 from server.profiles import PROFILES, profile_settings
 from server.settings import Settings
+from server.stop_signals import EXIT_CODES_HELP, GatewayServer, StopSignals
 from server.supervisor import VllmStartError, VllmSupervisor
+
+DEMO_STOP_TIMEOUT_S = 30.0  # an interrupted demo build cleans up, then is killed
 
 # Flag name -> Settings field, for the flags a user actually passed.
 _FLAG_FIELDS = {
@@ -71,15 +74,12 @@ _FLAG_FIELDS = {
 }
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived: a requested, orderly shutdown (exit code 0)."""
-
-
 class ServeError(Exception):
     """A problem the user can fix (bad flag, busy port, missing model): printed, exit 1."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXIT_CODES_HELP
     parser.add_argument("--model", type=Path, help="merged student directory (default: the demo student)")
     parser.add_argument("--profile", choices=sorted(PROFILES), help="hardware profile filling unset options (e.g. rtx4090)")
     parser.add_argument("--host", help="gateway address (default 127.0.0.1)")
@@ -159,10 +159,50 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve(settings: Settings) -> int:
-    """Run until interrupted; returns the process exit code."""
+    """Run until stopped; returns the process exit code (see `server.stop_signals`)."""
     _log_to_stderr()
+    supervisor = None
+    with StopSignals() as stop:
+        _check_before_start(settings)
+        if stop.requested.is_set():
+            return _stopped(stop)
+        try:
+            if settings.manages_vllm:
+                model_dir = _model_dir(settings, stop.requested)
+                if model_dir is None:
+                    return _stopped(stop)
+                supervisor = VllmSupervisor(settings, model_dir)
+                supervisor.start()
+                waited_s = supervisor.wait_ready(stop_requested=stop.requested)
+                if waited_s is None:
+                    return _stopped(stop)
+                _say(f"vLLM ready in {waited_s:.1f} s at {settings.upstream_base_url}")
+            else:
+                _say(f"fronting {len(settings.upstream_urls)} vLLM replica(s): {', '.join(settings.upstream_urls)}")
+            if settings.has_remote:
+                _say(_describe_routing(settings))
+            _print_usage(settings)
+            server = GatewayServer(_uvicorn_config(settings, supervisor))
+            stop.attach(server)
+            server.run()
+            if stop.exit_code is not None:
+                return stop.exit_code
+            return 0 if server.started else 1
+        except VllmStartError as exc:
+            if stop.exit_code is not None:  # stopping vLLM mid-start-up can look like a failed start
+                return _stopped(stop)
+            print(f"student serve: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            if supervisor is not None:
+                _say("stopping vLLM")
+                supervisor.stop()
+
+
+def _check_before_start(settings: Settings) -> None:
+    """What can be refused in a second is refused before vLLM spends a minute starting."""
     try:
-        keys = load_keys(settings.api_keys, settings.api_keys_file)  # fail before vLLM spends a minute
+        keys = load_keys(settings.api_keys, settings.api_keys_file)
     except KeyFileError as exc:
         raise ServeError(str(exc)) from None
     if keys:
@@ -170,34 +210,12 @@ def serve(settings: Settings) -> int:
     _require_free_port(settings.host, settings.port, "gateway")
     if settings.manages_vllm:
         _require_free_port(settings.vllm_host, settings.vllm_port, "vLLM")
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
-    supervisor = None
-    try:
-        if settings.manages_vllm:
-            supervisor = VllmSupervisor(settings, _model_dir(settings))
-            supervisor.start()
-            waited_s = supervisor.wait_ready()
-            _say(f"vLLM ready in {waited_s:.1f} s at {settings.upstream_base_url}")
-        else:
-            _say(f"fronting {len(settings.upstream_urls)} vLLM replica(s): {', '.join(settings.upstream_urls)}")
-        if settings.has_remote:
-            _say(_describe_routing(settings))
-        _print_usage(settings)
-        server = uvicorn.Server(_uvicorn_config(settings, supervisor))
-        server.run()
-        return 0 if server.started else 1
-    except VllmStartError as exc:
-        print(f"student serve: {exc}", file=sys.stderr)
-        return 1
-    except _Terminated:
-        return 0
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if supervisor is not None:
-            _say("stopping vLLM")
-            supervisor.stop()
-        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _stopped(stop: StopSignals) -> int:
+    _say("start-up abandoned")
+    assert stop.exit_code is not None
+    return stop.exit_code
 
 
 def _uvicorn_config(settings: Settings, supervisor: VllmSupervisor | None) -> uvicorn.Config:
@@ -213,28 +231,45 @@ def _uvicorn_config(settings: Settings, supervisor: VllmSupervisor | None) -> uv
     )
 
 
-def _model_dir(settings: Settings) -> Path:
+def _model_dir(settings: Settings, stop_requested: threading.Event) -> Path | None:
+    """The model to serve; None when a stop signal came while the demo student was built."""
     if settings.model_dir is None:
         _say(f"no --model given: using the demo student (cache {settings.cache_dir})")
-        return _demo_student(settings.cache_dir)
+        return _demo_student(settings.cache_dir, stop_requested)
     model_dir = settings.model_dir.expanduser().resolve()
     if not (model_dir / "config.json").is_file():
         raise ServeError(f"{model_dir} is not a model directory (no config.json); pass a merged student")
     return model_dir
 
 
-def _demo_student(cache_dir: Path) -> Path:
-    """Build or reuse the demo student in a child process, so the gateway never loads torch."""
-    result = subprocess.run(
+def _demo_student(cache_dir: Path, stop_requested: threading.Event) -> Path | None:
+    """Build or reuse the demo student in a child process, so the gateway never loads torch.
+
+    A stop signal interrupts the child like Ctrl-C (it removes its half-built staging directory)
+    and returns None.
+    """
+    child = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "demo-model"],
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
         env={**os.environ, "STUDENT_CACHE_DIR": str(cache_dir)},
+        start_new_session=True,  # a terminal's Ctrl-C reaches it once, forwarded from here
     )
-    if result.returncode != 0:
-        raise ServeError(f"could not build the demo student (student demo-model exited {result.returncode})")
-    return Path(result.stdout.strip().splitlines()[-1])
+    while child.poll() is None:
+        if stop_requested.wait(0.2):
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(DEMO_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            return None
+    assert child.stdout is not None
+    out = child.stdout.read()
+    if child.returncode != 0:
+        raise ServeError(f"could not build the demo student (student demo-model exited {child.returncode})")
+    return Path(out.strip().splitlines()[-1])
 
 
 def _require_free_port(host: str, port: int, role: str) -> None:
@@ -287,6 +322,3 @@ def _log_to_stderr() -> None:
 def _say(message: str) -> None:
     print(f"[student] {message}", file=sys.stderr, flush=True)
 
-
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated

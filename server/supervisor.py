@@ -153,8 +153,14 @@ class VllmSupervisor:
         )
         self._log_thread.start()
 
-    def wait_ready(self, timeout_s: float | None = None, poll_s: float = 0.5) -> float:
-        """Block until vLLM answers /health; returns seconds waited. Raises VllmStartError."""
+    def wait_ready(
+        self, timeout_s: float | None = None, poll_s: float = 0.5, stop_requested: threading.Event | None = None
+    ) -> float | None:
+        """Block until vLLM answers /health; returns seconds waited. Raises VllmStartError.
+
+        Returns None at once when `stop_requested` is set (vLLM is left to `stop`).
+        """
+        stop_requested = stop_requested if stop_requested is not None else threading.Event()
         if self._process is None:
             raise RuntimeError("vLLM not started")
         limit_s = self._settings.vllm_start_timeout_s if timeout_s is None else timeout_s
@@ -177,7 +183,8 @@ class VllmSupervisor:
                     f"vLLM did not become healthy within {limit_s:g} s (stopped it). "
                     f"Last log lines:\n{self.log_tail()}"
                 )
-            time.sleep(poll_s)
+            if stop_requested.wait(poll_s):
+                return None
 
     def stop(self) -> int | None:
         """SIGTERM the whole process group, SIGKILL after the grace period; returns the exit code."""

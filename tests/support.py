@@ -51,6 +51,25 @@ def post_json(url: str, body: dict, timeout_s: float = 120.0) -> tuple[int, dict
         return exc.code, json.loads(exc.read())
 
 
+def open_raw_request(port: int, path: str, body: dict) -> socket.socket:
+    """Send a request on a bare socket, so the test decides exactly when the client vanishes."""
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    head = f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    sock.sendall(head.encode() + payload)
+    return sock
+
+
+def read_headers(sock: socket.socket) -> bytes:
+    """The response's status line and headers (the gateway sends them when vLLM does)."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before the headers: {received!r}"
+        received += chunk
+    return received
+
+
 def metric_samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
     """Every sample called `name` in the Prometheus text at `url`/metrics, with its labels."""
     _, text = http_get(f"{url}/metrics")

@@ -19,6 +19,8 @@ from tests.support import (
     Stack,
     http_get,
     metric_samples,
+    open_raw_request,
+    read_headers,
     post_json,
     running_stack,
     start_stack,
@@ -67,30 +69,11 @@ def answer_text(answer: dict) -> str:
     return choice["text"] if "text" in choice else choice["message"]["content"]
 
 
-def open_raw_request(port: int, path: str, body: dict) -> socket.socket:
-    """Send a request on a bare socket, so the test decides exactly when the client vanishes."""
-    payload = json.dumps(body).encode()
-    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-    head = f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-    sock.sendall(head.encode() + payload)
-    return sock
-
-
 def read_until_events(sock: socket.socket, count: int) -> bytes:
     received = b""
     while received.count(b"data: ") < count:
         chunk = sock.recv(65536)
         assert chunk, f"stream ended early: {received[-500:]!r}"
-        received += chunk
-    return received
-
-
-def read_headers(sock: socket.socket) -> bytes:
-    """The response's status line and headers (the gateway sends them when vLLM does)."""
-    received = b""
-    while b"\r\n\r\n" not in received:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed before the headers: {received!r}"
         received += chunk
     return received
 
