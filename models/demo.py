@@ -50,7 +50,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from models import merge, tiny
+from models import artifacts, merge, tiny
 from models import tokenizer as tokenizer_module
 from models import train
 from models.merge import MergeError, merge_adapter
@@ -143,7 +143,7 @@ def cache_key(settings: DemoSettings = DemoSettings()) -> str:
     for module in (sys.modules[__name__], train, tokenizer_module, tiny, merge):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(json.dumps(asdict(settings), sort_keys=True).encode())
-    digest.update(json.dumps(merge.library_versions(), sort_keys=True).encode())
+    digest.update(json.dumps(artifacts.library_versions(), sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -157,7 +157,7 @@ def build_environment(threads: int) -> Iterator[None]:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.random.fork_rng(devices=[]), merge.quiet_transformers_progress():
+        with torch.random.fork_rng(devices=[]), artifacts.quiet_transformers_progress():
             yield
     finally:
         torch.set_num_threads(previous_threads)
@@ -291,7 +291,7 @@ def _relocate_manifest(model_dir: Path, inputs: dict[str, Path]) -> None:
     manifest = json.loads(path.read_text(encoding="utf-8"))
     for section, location in inputs.items():
         manifest[section]["path"] = str(location)
-    merge.write_json(manifest, path)
+    artifacts.write_json(manifest, path)
 
 
 def _build_into(staging: Path, target: Path, key: str, settings: DemoSettings, progress: Progress) -> Path:
@@ -344,7 +344,7 @@ def _build_into(staging: Path, target: Path, key: str, settings: DemoSettings, p
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "timings_s": {name: round(value, 1) for name, value in timings_s.items()},
         "settings": asdict(settings),
-        "versions": merge.library_versions(),
+        "versions": artifacts.library_versions(),
         "vocab_size": len(tokenizer),
         "base_training": asdict(base_result),
         "lora_training": asdict(lora_result),
@@ -352,7 +352,7 @@ def _build_into(staging: Path, target: Path, key: str, settings: DemoSettings, p
         "weights_sha256": dict(merge_result.weight_sha256),
         "answers": [asdict(answer) for answer in answers],
     }
-    merge.write_json(info, model_dir / BUILD_INFO_NAME)
+    artifacts.write_json(info, model_dir / BUILD_INFO_NAME)
     return model_dir
 
 
@@ -376,14 +376,14 @@ def _materialise(target: Path, settings: DemoSettings, progress: Progress, rebui
     target.parent.mkdir(parents=True, exist_ok=True)
     started_s = time.monotonic()
     progress(f"building the demo student into {target} (key {key[:KEY_CHARS]})")
-    staging = merge.staging_dir(target.parent, target.name, "tmp")
+    staging = artifacts.staging_dir(target.parent, target.name, "tmp")
     try:
         with build_environment(settings.threads):
             model_dir = _build_into(staging, target, key, settings, progress)
         if not rebuild and is_complete(target, key):
             progress(f"another build finished {target} first; keeping it")
             return target
-        merge.replace_dir(model_dir, target)
+        artifacts.replace_dir(model_dir, target)
     except (MergeError, DatasetError, TrainingError) as error:
         raise DemoError(f"building the demo student failed: {error}") from error
     finally:

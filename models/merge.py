@@ -31,32 +31,37 @@ saying `"passed": false`) in `OUT.rejected` for inspection, never at `OUT`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import platform
 import re
-import secrets
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
 
-import peft
 import safetensors
-import tokenizers
 import torch
 import transformers
 from peft import LoraConfig, PeftConfig, PeftModel
 from peft.tuners.tuners_utils import check_target_module_exists
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
-from transformers.utils import logging as transformers_logging
 
+from models.artifacts import (
+    DEVICES,
+    DeviceError,
+    ArtifactError,
+    check_device,
+    device_name,
+    library_versions,
+    quiet_transformers_progress,
+    replace_dir,
+    sha256_file,
+    staging_dir,
+    write_json,
+)
 from models.train import Progress, stderr_progress
 
 MANIFEST_NAME = "student-manifest.json"
@@ -66,7 +71,6 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 DTYPES = MappingProxyType({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16})
-DEVICES = ("cpu", "cuda")
 TOLERANCES = MappingProxyType({"float32": (1e-4, 1e-4), "bfloat16": (5e-2, 5e-2), "float16": (1e-2, 1e-2)})
 LORA_MARKERS = (".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
 WRAPPER_SEGMENTS = (".base_layer", ".modules_to_save", ".original_module")
@@ -86,7 +90,7 @@ VERIFY_CONVERSATIONS: tuple[tuple[tuple[str, str], ...], ...] = (
 )
 
 
-class MergeError(Exception):
+class MergeError(ArtifactError):
     """A merge that cannot be done as asked; the message says what to fix."""
 
 
@@ -136,26 +140,6 @@ class MergeResult:
     weight_sha256: Mapping[str, str]
     elapsed_s: float
     device: str = "cpu"
-
-
-@contextmanager
-def quiet_transformers_progress() -> Iterator[None]:
-    """Hide transformers' per-file progress bars (our own progress lines say what is happening)."""
-    was_enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            transformers_logging.enable_progress_bar()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -420,41 +404,6 @@ def tolerance_for(
     return tolerance, atol, rtol
 
 
-def check_device(device: str) -> torch.device:
-    """The torch device for `--device`; `MergeError` naming the cause when it cannot be used."""
-    if device not in DEVICES:
-        raise MergeError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        if torch.version.cuda is None:
-            why = f"this PyTorch ({torch.__version__}) was built without CUDA"
-        else:
-            why = (
-                f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA GPU: no NVIDIA driver, "
-                "or CUDA_VISIBLE_DEVICES hides every GPU"
-            )
-        raise MergeError(f"--device cuda was asked for, but CUDA is not available: {why}; use --device cpu")
-    return torch.device(device)
-
-
-def device_name(device: torch.device) -> str:
-    """What the manifest records about the device: the GPU's name, or the CPU architecture."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.machine() or "cpu"
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of everything that shapes a model's bytes (recorded in manifests and cache keys)."""
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "tokenizers": tokenizers.__version__,
-        "safetensors": safetensors.__version__,
-    }
-
-
 def _lora_summary(config: LoraConfig) -> dict[str, object]:
     targets = config.target_modules
     return {
@@ -504,38 +453,6 @@ def build_manifest(
     }
 
 
-def write_json(data: Mapping[str, object], path: Path) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def staging_dir(parent: Path, name: str, tag: str) -> Path:
-    """A new hidden directory `parent/.name.tag-XXXXXXXX`.
-
-    Unlike `tempfile.mkdtemp` (always mode 0700) it honours the umask, so the directory renamed
-    into place later has the permissions a plain `mkdir` would give it.
-    """
-    while True:
-        path = parent / f".{name}.{tag}-{secrets.token_hex(4)}"
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        return path
-
-
-def replace_dir(source: Path, target: Path) -> None:
-    """Rename `source` to `target`, moving an existing `target` aside first and deleting it after."""
-    if target.is_dir() and not any(target.iterdir()):
-        target.rmdir()
-    if not target.exists():
-        os.rename(source, target)
-        return
-    old = staging_dir(target.parent, target.name, "old")
-    os.rename(target, old / target.name)
-    os.rename(source, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_merged(
     model: PreTrainedModel, tokenizer: transformers.PreTrainedTokenizerBase, out_dir: Path
 ) -> None:
@@ -555,7 +472,10 @@ def _validate_inputs(
 ) -> torch.device:
     if dtype not in DTYPES:
         raise MergeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    torch_device = check_device(device)
+    try:
+        torch_device = check_device(device)
+    except DeviceError as error:
+        raise MergeError(str(error)) from None
     check_input_dir(base_dir, "base", ("config.json",), "expected a model saved with save_pretrained")
     check_input_dir(base_dir, "base", TOKENIZER_FILES, "the merged model needs the base's tokenizer")
     check_input_dir(adapter_dir, "adapter", (ADAPTER_CONFIG,), "expected a peft adapter (save_pretrained)")

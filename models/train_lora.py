@@ -47,7 +47,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.pytorch_utils import Conv1D
 
 from models.arguments import positive_float, positive_int
-from models import merge
+from models import artifacts, merge
 from models.demo import LORA_TARGETS
 from models.merge import MergeError
 from models.train import (
@@ -100,8 +100,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return merge.check_device(device)
-    except MergeError as error:
+        return artifacts.check_device(device)
+    except artifacts.DeviceError as error:
         raise TrainLoraError(str(error)) from None
 
 
@@ -237,7 +237,7 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
 
 
 def _file_record(path: Path, samples: int) -> dict[str, object]:
-    return {"path": str(path.resolve()), "samples": samples, "sha256": merge.sha256_file(path)}
+    return {"path": str(path.resolve()), "samples": samples, "sha256": artifacts.sha256_file(path)}
 
 
 def _parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
@@ -270,7 +270,7 @@ def train_lora(
     Raises `TrainLoraError`, `DatasetError` or `TrainingError` with a message that says what to fix;
     nothing is written to `out_dir` unless training finished.
     """
-    with merge.quiet_transformers_progress():
+    with artifacts.quiet_transformers_progress():
         return _train_lora(
             Path(base_dir).resolve(),
             Path(data_path),
@@ -325,7 +325,7 @@ def _train_lora(
         config = replace(config, warmup_steps=default_warmup_steps(total_steps(config, len(samples))))
 
     _prepare_device(torch_device)
-    where = f"{torch_device.type} ({merge.device_name(torch_device)})"
+    where = f"{torch_device.type} ({artifacts.device_name(torch_device)})"
     progress(f"loading base from {base_dir} onto {where} in {dtype}")
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=DTYPES[dtype]).to(torch_device)
     torch.manual_seed(config.seed)
@@ -365,13 +365,13 @@ def _train_lora(
         "lora": {**asdict(lora), "target_modules": list(lora.target_modules)},
         "config": asdict(config),
         "device": torch_device.type,
-        "device_name": merge.device_name(torch_device),
+        "device_name": artifacts.device_name(torch_device),
         "dtype": dtype,
         "parameters": {"trainable": trainable, "total": total},
         "loss_unit": "mean cross-entropy per assistant token, nats",
         "train": {**asdict(result), "losses": losses},
         "validation_loss": None if validation is None else {"before": before, "after": after},
-        "versions": merge.library_versions(),
+        "versions": artifacts.library_versions(),
     }
     return _save(model, tokenizer, out_dir, record, started_s, progress)
 
@@ -386,13 +386,13 @@ def _save(
 ) -> TrainLoraResult:
     """Write adapter, tokenizer and record into a staging directory, then rename it to `out_dir`."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = merge.staging_dir(out_dir.parent, out_dir.name, "tmp")
+    staging = artifacts.staging_dir(out_dir.parent, out_dir.name, "tmp")
     try:
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         record["elapsed_s"] = round(time.monotonic() - started_s, 3)
-        merge.write_json(record, staging / TRAINING_RECORD)
-        merge.replace_dir(staging, out_dir)
+        artifacts.write_json(record, staging / TRAINING_RECORD)
+        artifacts.replace_dir(staging, out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

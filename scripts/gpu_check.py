@@ -1064,7 +1064,7 @@ def build_tiny_student(workdir: Path) -> tuple[Path, Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from models.merge import quiet_transformers_progress
+    from models.artifacts import quiet_transformers_progress
     from models.tiny import build_random_llama
     from models.tokenizer import train_tokenizer
 
