@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(PROFILE)
 .PHONY: setup browser serve test
 setup: $(STAMP)
 
-$(STAMP): requirements/cpu.lock requirements/gpu.txt pyproject.toml scripts/install.sh
+$(STAMP): requirements/cpu.lock requirements/gpu.txt requirements/gpu-nodeps.txt pyproject.toml scripts/install.sh
 	scripts/install.sh $(PROFILE) $(VENV)
 	touch $@
 

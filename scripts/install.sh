@@ -28,6 +28,7 @@ if [ "$profile" = cpu ]; then
   "${pip[@]}" uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 else
   "${pip[@]}" install "${extra[@]}" -r requirements/gpu.txt
+  "${pip[@]}" install --no-deps -r requirements/gpu-nodeps.txt
 fi
 "${pip[@]}" install --no-deps -q -e .
 

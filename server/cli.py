@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.serve", "run vLLM and the measuring gateway (demo student if no --model)"),
     "merge": ("models.merge", "merge a LoRA adapter into its base model and verify the result"),
+    "base-model": ("models.base_model", "convert (or reuse) the pretrained base, SmolLM2-135M-Instruct, offline"),
     "demo-model": ("models.demo", "build (or reuse) the embedded demo student"),
     "distill": ("models.distill", "training data from an OpenAI-compatible teacher: response, cot, multitask (resumable)"),
     "dataset": ("models.dataset_check", "check a chat JSONL dataset for training and split it: student dataset check"),

@@ -67,3 +67,12 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     log_path = tmp_path_factory.mktemp("stack") / "serve.log"
     with running_stack(["--model", str(tiny_model_dir), *SESSION_STACK_ARGS], log_path, ready_timeout_s=VLLM_READY_TIMEOUT_S) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def smollm2_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real pretrained base (SmolLM2-135M-Instruct from the pinned wheel), converted once per
+    session into a fresh cache (about 25 s)."""
+    from models.base_model import ensure_base_model
+
+    return ensure_base_model(tmp_path_factory.mktemp("base-cache"), lambda _: None)
