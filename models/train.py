@@ -17,6 +17,13 @@ Determinism: the data order comes from a seeded `torch.Generator`, the weights' 
 reductions on the CPU still depend on the number of intra-op threads, so callers that need
 bit-identical weights across runs must also fix `torch.set_num_threads` (the demo builder does).
 
+Checkpoints (`Checkpointing`): every so many steps the trainable weights, the optimiser and
+schedule state, the RNG state and the losses so far are saved to one file, replaced atomically.
+A run started again with the same fingerprint (what the run is: data, base, settings) resumes
+from it: the batch order is a pure function of the seed, so the batches already done are skipped
+and the rest is what an uninterrupted run would have done, bit for bit on the CPU with a fixed
+thread count. A checkpoint with another fingerprint is refused rather than silently mixed in.
+
 Devices: batches go to the device of the model's parameters, so a model moved to a GPU trains
 there. On a GPU the deterministic mode only warns where an operation has no deterministic kernel
 (bit-identical GPU runs are not promised; set `CUBLAS_WORKSPACE_CONFIG=:4096:8` for cuBLAS).
@@ -26,13 +33,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -95,7 +103,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Losses are mean token cross-entropy (nats); `final_loss` averages the last logging window."""
+    """Losses are mean token cross-entropy (nats); `final_loss` averages the last logging window.
+
+    `elapsed_s` adds up every run of a resumed training; `resumed_from_step` is 0 when it ran in
+    one go.
+    """
 
     steps: int
     first_loss: float
@@ -104,6 +116,24 @@ class TrainResult:
     samples: int
     tokens_per_step: float
     elapsed_s: float
+    losses: tuple[float, ...] = ()
+    resumed_from_step: int = 0
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Save the training state to `path` every `every` steps, and resume from it when it is there.
+
+    `fingerprint` says what the run is (plain JSON values: data and base digests, settings); a
+    checkpoint saved under another fingerprint raises `TrainingError` instead of resuming.
+    """
+
+    path: Path
+    every: int
+    fingerprint: Mapping[str, Any] = field(default_factory=dict)
+
+
+CHECKPOINT_FORMAT = "student-train-checkpoint/1"
 
 
 @dataclass(frozen=True)
@@ -321,16 +351,20 @@ def train_causal_lm(
     progress: Progress = stderr_progress("train"),
     phase: str = "training",
     on_step: Callable[[int, float], None] | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> TrainResult:
     """Train `model` in place with AdamW on `samples` and return its losses.
 
     Progress lines look like "`phase` step 120/400 loss 2.31" every `config.log_every` steps.
-    `on_step(step, loss)`, when given, receives every step's loss (1-based step).
+    `on_step(step, loss)`, when given, receives every step's loss (1-based step) of this run.
+    With `checkpointing`, a matching checkpoint is resumed and a new one saved every so often;
+    it is deleted once training has finished.
     """
     started_s = time.monotonic()
     encoded = encode_samples(tokenizer, samples, config.max_length, config.loss_on)
     steps = total_steps(config, len(encoded))
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    parameters = [parameter for _, parameter in named]
     if not parameters:
         raise TrainingError("the model has no trainable parameters")
     pad_token_id = _pad_token_id(tokenizer)
@@ -338,12 +372,19 @@ def train_causal_lm(
     torch.manual_seed(config.seed)
     optimizer, schedule = _optimiser(parameters, config, steps)
     losses: list[float] = []
-    tokens = 0
+    tokens, earlier_s, done = 0, 0.0, 0
+    if checkpointing is not None:
+        resumed = load_checkpoint(checkpointing, dict(named), optimizer, schedule)
+        if resumed is not None:
+            done, losses, tokens, earlier_s = resumed
+            progress(f"{phase}: resuming at step {done + 1}/{steps} from {checkpointing.path}")
     progress(f"{phase}: {len(encoded)} samples, {steps} steps of batch {config.batch_size}")
     model.train()
     with deterministic_algorithms(warn_only=device.type != "cpu"):
         order = batch_order(len(encoded), config.batch_size, steps, config.seed)
         for step, indices in enumerate(order, start=1):
+            if step <= done:
+                continue
             batch = _to_device(collate([encoded[index] for index in indices], pad_token_id), device)
             loss = model(**batch).loss
             if not torch.isfinite(loss):
@@ -362,7 +403,13 @@ def train_causal_lm(
             if step % config.log_every == 0 or step == steps:
                 window = losses[-config.log_every :]
                 progress(f"{phase} step {step}/{steps} loss {sum(window) / len(window):.2f}")
+            if checkpointing is not None and step % checkpointing.every == 0 and step < steps:
+                elapsed_s = earlier_s + time.monotonic() - started_s
+                save_checkpoint(checkpointing, step, losses, tokens, elapsed_s, dict(named), optimizer, schedule)
+                progress(f"{phase}: checkpoint saved at step {step}")
     model.eval()
+    if checkpointing is not None:
+        checkpointing.path.unlink(missing_ok=True)
     window = losses[-config.log_every :]
     return TrainResult(
         steps=steps,
@@ -371,8 +418,72 @@ def train_causal_lm(
         mean_loss=sum(losses) / len(losses),
         samples=len(encoded),
         tokens_per_step=tokens / steps,
-        elapsed_s=time.monotonic() - started_s,
+        elapsed_s=earlier_s + time.monotonic() - started_s,
+        losses=tuple(losses),
+        resumed_from_step=done,
     )
+
+
+def save_checkpoint(
+    checkpointing: Checkpointing,
+    step: int,
+    losses: Sequence[float],
+    tokens: int,
+    elapsed_s: float,
+    trainable: Mapping[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    """Write the state after `step` to a temporary file and rename it over the checkpoint."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "fingerprint": json.dumps(checkpointing.fingerprint, sort_keys=True),
+        "step": step,
+        "losses": list(losses),
+        "tokens": tokens,
+        "elapsed_s": elapsed_s,
+        "trainable": {name: parameter.detach().cpu() for name, parameter in trainable.items()},
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    path = checkpointing.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def load_checkpoint(
+    checkpointing: Checkpointing,
+    trainable: Mapping[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[int, list[float], int, float] | None:
+    """Restore a matching checkpoint into the model, optimiser and schedule; its step, losses,
+    tokens and elapsed seconds. None when there is none."""
+    path = checkpointing.path
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        matches = state["format"] == CHECKPOINT_FORMAT and state["fingerprint"] == json.dumps(
+            checkpointing.fingerprint, sort_keys=True
+        )
+    except Exception as error:  # a torn or foreign file: torch raises many kinds
+        raise TrainingError(f"cannot read the checkpoint {path} ({error}); delete it to start afresh") from None
+    if not matches:
+        raise TrainingError(
+            f"the checkpoint {path} belongs to another run (different data, base or settings); "
+            "delete it to start afresh, or run with the same inputs to resume it"
+        )
+    with torch.no_grad():
+        for name, parameter in trainable.items():
+            parameter.copy_(state["trainable"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], list(state["losses"]), state["tokens"], state["elapsed_s"]
 
 
 def evaluate_loss(

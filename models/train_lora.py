@@ -14,6 +14,9 @@ builds the demo student's adapter. This module adds the command around it:
   the assistant turns, where `student distill` already wrote it for `cot` samples;
 - validation loss before and after training when `--validation` is given: mean cross-entropy per
   assistant token in nats (`models.train.evaluate_loss`);
+- checkpoints (`--checkpoint-every`, on by default): the training state is saved beside `--out`
+  and a stopped run resumes from it when the same command is run again (same base, data and
+  settings; anything else is refused with a message), then deleted when the adapter is written;
 - the output directory, written atomically (a staging directory renamed into place), holds the
   PeftModel's `save_pretrained` (adapter_config.json, adapter_model.safetensors), the base's
   tokenizer files, and `training.json` (configuration, per-step losses, validation losses,
@@ -59,6 +62,7 @@ from models.train import (
     TrainingError,
     evaluate_loss,
     load_chat_jsonl,
+    Checkpointing,
     stderr_progress,
     total_steps,
     train_causal_lm,
@@ -70,6 +74,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ReasoningMode = Literal["inline", "drop"]
 CUBLAS_DETERMINISM = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+DEFAULT_CHECKPOINT_EVERY = 25
 THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 
 
@@ -263,10 +268,13 @@ def train_lora(
     force: bool = False,
     progress: Progress = stderr_progress("train-lora"),
     auto_warmup: bool = False,
+    checkpoint_every: int = 0,
 ) -> TrainLoraResult:
     """Fine-tune a LoRA adapter of `base_dir` on `data_path`; write it and `training.json` to `out_dir`.
 
     `auto_warmup` replaces `config.warmup_steps` by `default_warmup_steps` of the run's steps.
+    `checkpoint_every` > 0 saves a checkpoint that often (see `checkpoint_path`) and resumes a
+    matching one left by a run that was stopped.
     Raises `TrainLoraError`, `DatasetError` or `TrainingError` with a message that says what to fix;
     nothing is written to `out_dir` unless training finished.
     """
@@ -284,7 +292,13 @@ def train_lora(
             force,
             progress,
             auto_warmup,
+            checkpoint_every,
         )
+
+
+def checkpoint_path(out_dir: Path) -> Path:
+    """Where a run writing `out_dir` keeps its checkpoint: a hidden file beside it."""
+    return out_dir.parent / f".{out_dir.name}.checkpoint.pt"
 
 
 def _train_lora(
@@ -300,6 +314,7 @@ def _train_lora(
     force: bool,
     progress: Progress,
     auto_warmup: bool,
+    checkpoint_every: int,
 ) -> TrainLoraResult:
     started_s = time.monotonic()
     torch_device = resolve_device(device_name)
@@ -337,15 +352,20 @@ def _train_lora(
     if validation is not None:
         before = evaluate_loss(model, tokenizer, validation, config.max_length, config.batch_size)
         progress(f"validation loss before training: {before:.4f} nats/token on {len(validation)} samples")
-    losses: list[float] = []
+    checkpointing = None
+    if checkpoint_every:
+        fingerprint = {
+            "base_weights_sha256": merge.weight_digests(base_dir),
+            "data_sha256": artifacts.sha256_file(data_path),
+            "reasoning": reasoning,
+            "lora": asdict(lora),
+            "config": asdict(config),
+            "device": torch_device.type,
+            "dtype": dtype,
+        }
+        checkpointing = Checkpointing(checkpoint_path(out_dir), checkpoint_every, fingerprint)
     result = train_causal_lm(
-        model,
-        tokenizer,
-        samples,
-        config,
-        progress,
-        phase="LoRA training",
-        on_step=lambda _step, loss: losses.append(loss),
+        model, tokenizer, samples, config, progress, phase="LoRA training", checkpointing=checkpointing
     )
     if validation is not None:
         after = evaluate_loss(model, tokenizer, validation, config.max_length, config.batch_size)
@@ -369,7 +389,7 @@ def _train_lora(
         "dtype": dtype,
         "parameters": {"trainable": trainable, "total": total},
         "loss_unit": "mean cross-entropy per assistant token, nats",
-        "train": {**asdict(result), "losses": losses},
+        "train": asdict(result),
         "validation_loss": None if validation is None else {"before": before, "after": after},
         "versions": artifacts.library_versions(),
     }
@@ -448,6 +468,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='a row\'s "reasoning" field: put it in the answer as <think>…</think> (default), or drop it '
         "and cut <think>…</think> out of the answers (train answers only)",
     )
+    add(
+        "--checkpoint-every",
+        type=int,
+        default=DEFAULT_CHECKPOINT_EVERY,
+        metavar="STEPS",
+        help="save the training state this often beside --out, and resume it when the same command runs "
+        "again after a stop; 0: never (default: %(default)s)",
+    )
     add("--force", action="store_true", help="replace --out if it already has files")
 
 
@@ -486,6 +514,7 @@ def run(args: argparse.Namespace) -> int:
             reasoning=args.reasoning,
             force=args.force,
             auto_warmup=args.warmup_steps is None,
+            checkpoint_every=max(0, args.checkpoint_every),
         )
     except (TrainLoraError, DatasetError, TrainingError, OSError) as error:
         print(f"student train-lora: error: {error}", file=sys.stderr)

@@ -367,3 +367,53 @@ def test_target_modules_match_like_peft_and_partly_absent_ones_warn(tiny_base: P
     assert messages == ["warning: the base has no c_attn; LoRA wraps only q_proj"]
     with pytest.raises(train_lora.TrainLoraError, match="its linear layers are named down_proj, gate_proj, k_proj"):
         train_lora.check_targets(model, ("attn.q_proj",), tiny_base, messages.append)
+
+
+class Stop(Exception):
+    """Stands for the process being stopped right after a checkpoint was written."""
+
+
+def _resumable(tiny_base: Path, chats: Path, out: Path, progress, lr: float = 3e-3) -> TrainLoraResult:
+    config = TrainConfig(steps=12, learning_rate=lr, batch_size=4, max_length=256, warmup_steps=2, log_every=3)
+    return train_lora.train_lora(
+        tiny_base, chats, out, config, LoraSettings(r=8, alpha=16), device="cpu", progress=progress, checkpoint_every=3
+    )
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint_to_the_same_adapter(
+    tiny_base: Path, chats: Path, tmp_path: Path
+) -> None:
+    straight = _resumable(tiny_base, chats, tmp_path / "straight", quiet)
+
+    def stop_after_step_6(message: str) -> None:
+        if message.endswith("checkpoint saved at step 6"):
+            raise Stop
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Stop):
+        _resumable(tiny_base, chats, out, stop_after_step_6)
+    checkpoint = train_lora.checkpoint_path(out)
+    assert checkpoint.is_file() and not out.exists()
+
+    messages: list[str] = []
+    resumed = _resumable(tiny_base, chats, out, messages.append)
+    assert any("resuming at step 7/12" in message for message in messages), messages
+    assert not checkpoint.exists()
+    assert resumed.record["train"]["resumed_from_step"] == 6
+    assert resumed.record["train"]["losses"] == straight.record["train"]["losses"]
+    ours, theirs = load_file(out / "adapter_model.safetensors"), load_file(straight.out_dir / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+def test_a_checkpoint_of_another_run_is_refused_not_mixed_in(tiny_base: Path, chats: Path, tmp_path: Path) -> None:
+    def stop_at_first_checkpoint(message: str) -> None:
+        if "checkpoint saved" in message:
+            raise Stop
+
+    out = tmp_path / "adapter"
+    with pytest.raises(Stop):
+        _resumable(tiny_base, chats, out, stop_at_first_checkpoint)
+    with pytest.raises(train_lora.TrainingError, match="belongs to another run .* delete it to start afresh"):
+        _resumable(tiny_base, chats, out, quiet, lr=1e-3)
+    assert train_lora.checkpoint_path(out).is_file() and not out.exists()
