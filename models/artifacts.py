@@ -127,3 +127,16 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.machine() or "cpu"
+
+
+def machine_description() -> dict[str, object]:
+    """Where something ran, for its record: CPU model, cores, OS (a GPU is named apart)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cpu_cores": os.cpu_count(), "system": f"{platform.system()} {platform.release()}"}

@@ -49,12 +49,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from models.arguments import positive_float, positive_int
 from models import artifacts, merge
-from models.demo import LORA_TARGETS
+from models.arguments import positive_float, positive_int
 from models.merge import MergeError
 from models.train import (
     ChatSample,
+    Checkpointing,
     DatasetError,
     Message,
     Progress,
@@ -62,7 +62,6 @@ from models.train import (
     TrainingError,
     evaluate_loss,
     load_chat_jsonl,
-    Checkpointing,
     stderr_progress,
     total_steps,
     train_causal_lm,
@@ -75,6 +74,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ReasoningMode = Literal["inline", "drop"]
 CUBLAS_DETERMINISM = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 DEFAULT_CHECKPOINT_EVERY = 25
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 
 
@@ -352,10 +352,11 @@ def _train_lora(
     if validation is not None:
         before = evaluate_loss(model, tokenizer, validation, config.max_length, config.batch_size)
         progress(f"validation loss before training: {before:.4f} nats/token on {len(validation)} samples")
+    base_digests = merge.weight_digests(base_dir)
     checkpointing = None
     if checkpoint_every:
         fingerprint = {
-            "base_weights_sha256": merge.weight_digests(base_dir),
+            "base_weights_sha256": base_digests,
             "data_sha256": artifacts.sha256_file(data_path),
             "reasoning": reasoning,
             "lora": asdict(lora),
@@ -375,6 +376,7 @@ def _train_lora(
         "format": TRAINING_RECORD_FORMAT,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "base": str(base_dir),
+        "base_weights_sha256": base_digests,
         "data": _file_record(data_path, len(samples)),
         "validation": None if validation is None else _file_record(validation_path, len(validation)),
         "reasoning": {
@@ -386,6 +388,7 @@ def _train_lora(
         "config": asdict(config),
         "device": torch_device.type,
         "device_name": artifacts.device_name(torch_device),
+        "machine": artifacts.machine_description(),
         "dtype": dtype,
         "parameters": {"trainable": trainable, "total": total},
         "loss_unit": "mean cross-entropy per assistant token, nats",

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from models import train_lora
-from models.demo import DATASET_FILE, LORA_TARGETS
+from models.demo import DATASET_FILE
 from models.merge import load_meta_base, merge_adapter
 from models.train import (
     ChatSample,
@@ -27,7 +27,7 @@ from models.train import (
 from models.distill import sample_row
 from models.distill_plan import PlannedSample
 from models.teacher import ChatReply
-from models.train_lora import TRAINING_RECORD, LoraSettings, TrainLoraResult
+from models.train_lora import LORA_TARGETS, TRAINING_RECORD, LoraSettings, TrainLoraResult
 from server import cli
 from tests.models.helpers import chat_ids, logits_of
 
