@@ -65,8 +65,8 @@ from typing import Any
 import aiohttp
 import psutil
 
-from server.energy import EnergyMeter
-from server.power import Reading, SteadySource
+from server.telemetry.energy_attribution import EnergyMeter
+from server.telemetry.power_sources import Reading, SteadySource
 
 REPO = Path(__file__).resolve().parents[1]
 STUDENT = str(Path(sys.executable).with_name("student"))
@@ -446,8 +446,8 @@ def serve_steady_gateway() -> None:
 
     import uvicorn
 
-    from server.app import create_app
-    from server.settings import Settings
+    from server.gateway.app import create_app
+    from server.runtime.settings import Settings
 
     logging.getLogger("server").setLevel(logging.INFO)
     settings = Settings()

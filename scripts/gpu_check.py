@@ -4,7 +4,7 @@
 
 About 3-4 minutes on one GPU, under a minute on a CPU-only machine. Needs PyTorch, transformers,
 peft, tokenizers, safetensors and nvidia-ml-py (imported as `pynvml`); not vLLM, FastAPI or a
-network. From the project it imports only `server.power`, `server.energy` and `models.*`.
+network. From the project it imports only `server.telemetry.power_sources`, `server.telemetry.energy_attribution` and `models.*`.
 
 Every check ends `passed`, `failed`, `skipped` (with the reason: no NVML, no CUDA) or `error`
 (with the traceback's last line). A check that cannot run on this machine is skipped, never
@@ -68,8 +68,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from server.energy import EnergyMeter, EnergySnapshot  # noqa: E402  (after the sys.path line)
-from server.power import NvmlSource, Reading, SteadySource, TraceSource  # noqa: E402
+from server.telemetry.energy_attribution import EnergyMeter, EnergySnapshot  # noqa: E402  (after the sys.path line)
+from server.telemetry.power_sources import NvmlSource, Reading, SteadySource, TraceSource  # noqa: E402
 
 FORMAT = "gpu-check/1"
 DATASET_FILE = REPO / "models" / "data" / "support_chats.jsonl"
@@ -486,7 +486,7 @@ def instant_power_mw(handle: Any) -> float | None:
         return None
     if value.nvmlReturn != pynvml.NVML_SUCCESS:
         return None
-    from server.power import _field_value
+    from server.telemetry.power_sources import _field_value
 
     return float(_field_value(value))
 

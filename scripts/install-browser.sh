@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the headless browser that tests/server/test_dashboard.py drives (over the DevTools
+# Install the headless browser that tests/server/telemetry/test_dashboard.py drives (over the DevTools
 # protocol, so no chromedriver). Idempotent: does nothing when a Chromium is already there.
 # `make test` runs this; `make serve` does not need a browser.
 #   scripts/install-browser.sh           # Debian/Ubuntu: apt-get install chromium fonts-liberation

@@ -23,6 +23,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDENT = str(Path(sys.executable).with_name("student"))
 
 

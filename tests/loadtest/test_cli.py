@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import build_parser
+from server.runtime.cli import build_parser
 from tests.support import STUDENT, Stack
 
 SMALL = ["--prompt-tokens", "30", "--output-tokens", "8", "--length-sigma", "0",
@@ -57,7 +57,7 @@ def assert_common_report(report: dict, out: Path, scenario: str, stack: Stack) -
 
 
 def test_load_help_does_not_import_locust() -> None:
-    code = ("import sys; from server.cli import build_parser; build_parser('load'); "
+    code = ("import sys; from server.runtime.cli import build_parser; build_parser('load'); "
             "print('locust' in sys.modules or 'gevent' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

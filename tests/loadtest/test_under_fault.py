@@ -12,7 +12,7 @@ Afterwards:
    `code` of a stream's error event (the gateway's events carry the status it records). Not in
    the ledger, and left out of the comparison: admission control's own refusals (429 at
    capacity, 503 "not ready" when the line is full while vLLM is down), told apart by their
-   messages (`server/admission.py`).
+   messages (`server/control/admission.py`).
 3. The service recovered without a manual step: `/ready` is 200 again and one more chat
    request is answered.
 
@@ -38,7 +38,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from server.ledger import read_requests
+from server.accounting.ledger import read_requests
 from tests.conftest import LONG_CONTEXT_TOKENS, LONG_STACK_ARGS
 from tests.support import STUDENT, Stack, http_get, post_json, start_stack, wait_for
 
@@ -52,7 +52,7 @@ LOAD = ["--rps", str(RATE_RPS), "--duration-s", str(DURATION_S), "--seed", "5",
         # Errors are expected here: the SLO verdict is not what this test checks.
         "--slo-ttft-p95-ms", "60000", "--slo-tpot-p95-ms", "10000", "--slo-max-error-rate", "1"]
 ANSWERED_BEFORE_KILL = 5  # requests in the ledger before the fault: the load is really flowing
-# Admission control's own refusals (server/admission.py): they never reach the proxy or the ledger.
+# Admission control's own refusals (server/control/admission.py): they never reach the proxy or the ledger.
 ADMISSION_MESSAGES = ("the model server is not ready", "the gateway is at capacity")
 
 

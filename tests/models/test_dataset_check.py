@@ -10,7 +10,7 @@ import pytest
 
 from models.dataset_check import check_dataset, question_key
 from models.train import load_chat_jsonl
-from server import cli
+from server.runtime import cli
 
 SYSTEM = "Bạn là trợ lý chăm sóc khách hàng của cửa hàng."
 

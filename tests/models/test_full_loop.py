@@ -20,7 +20,7 @@ from models.dataset_check import TRAIN_FILE, VALIDATION_FILE
 from models.distill_plan import SYSTEM_PROMPT
 from models.merge import MANIFEST_NAME
 from models.train_lora import TRAINING_RECORD
-from server.ledger import read_requests
+from server.accounting.ledger import read_requests
 from tests.conftest import STACK_ARGS
 from tests.models.test_distill import THINK_REGEX, TOPICS, manifest_of, rows_of, run_cli, teacher_args, write_topics
 from tests.support import STUDENT, Stack, http_get, post_json, running_stack, wait_for

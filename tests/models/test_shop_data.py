@@ -146,7 +146,7 @@ def test_dataset_check_passes_on_the_training_chats() -> None:
 
 
 def test_dataset_check_cli_exits_zero() -> None:
-    command = [sys.executable, "-m", "server.cli", "dataset", "check", str(CHATS)]
+    command = [sys.executable, "-m", "server.runtime.cli", "dataset", "check", str(CHATS)]
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
 
     assert result.returncode == 0, result.stdout + result.stderr

@@ -28,7 +28,7 @@ from models.distill import sample_row
 from models.distill_plan import PlannedSample
 from models.teacher import ChatReply
 from models.train_lora import LORA_TARGETS, TRAINING_RECORD, LoraSettings, TrainLoraResult
-from server import cli
+from server.runtime import cli
 from tests.models.helpers import chat_ids, logits_of
 
 CUDA = torch.cuda.is_available()

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from server.power import NvmlSource, Reading
+from server.telemetry.power_sources import NvmlSource, Reading
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_check.py"

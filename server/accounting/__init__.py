@@ -1,0 +1,1 @@
+"""Money and books: the electricity tariff and API prices, the SQLite ledger, `student report`."""

@@ -1,0 +1,1 @@
+"""The gateway: the request path from the client's socket to vLLM and back (app, endpoints, proxy)."""

@@ -1,0 +1,1 @@
+"""Running the stack: settings, `student serve`, the vLLM supervisor, stop signals, the `student` program."""

@@ -1,0 +1,324 @@
+"""`student serve`: start vLLM (or front one), wait for it, then run the gateway until stopped.
+
+The vLLM child outlives every request and must die with this process, whatever stops it:
+Ctrl-C, SIGTERM, a start-up failure or a port clash. So the supervisor wraps the whole run
+here, around uvicorn, rather than living inside the app's lifespan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import uvicorn
+from pydantic import ValidationError
+
+from server.gateway.app import create_app
+from server.control.auth import KeyFileError, load_keys
+from server.runtime.profiles import PROFILES, profile_settings
+from server.runtime.settings import Settings
+from server.runtime.stop_signals import EXIT_CODES_HELP, GatewayServer, StopSignals
+from server.runtime.vllm_supervisor import VllmStartError, VllmSupervisor
+
+DEMO_STOP_TIMEOUT_S = 30.0  # an interrupted demo build cleans up, then is killed
+
+# Flag name -> Settings field, for the flags a user actually passed.
+_FLAG_FIELDS = {
+    "model": "model_dir",
+    "host": "host",
+    "port": "port",
+    "vllm_port": "vllm_port",
+    "upstream": "upstream_urls",
+    "served_model_name": "served_model_name",
+    "device": "device",
+    "dtype": "dtype",
+    "max_model_len": "max_model_len",
+    "max_num_seqs": "max_num_seqs",
+    "kv_cache_gib": "kv_cache_gib",
+    "vllm_arg": "vllm_extra_args",
+    "access_log": "access_log",
+    "ledger": "ledger_path",
+    "power_source": "power_source",
+    "idle_w": "idle_w",
+    "price_per_kwh": "price_per_kwh",
+    "currency": "currency",
+    "usd_rate": "usd_rate",
+    "wall_power_factor": "wall_power_factor",
+    "telemetry": "telemetry",
+    "power_limit_w": "power_limit_w",
+    "api_keys_file": "api_keys_file",
+    "observability": "observability_access",
+    "rate_limit_rpm": "rate_limit_rpm",
+    "rate_limit_tpm": "rate_limit_tpm",
+    "max_in_flight": "max_in_flight",
+    "max_queue": "max_queue",
+    "drain_timeout_s": "drain_timeout_s",
+    "first_token_timeout_s": "first_token_timeout_s",
+    "inter_token_timeout_s": "inter_token_timeout_s",
+    "profile": "profile",
+    "remote_url": "remote_url",
+    "remote_model": "remote_model",
+    "remote_api_key_env": "remote_api_key_env",
+    "remote_price": "remote_price",
+    "route_header": "route_header",
+    "route_remote_model": "route_remote_models",
+    "route_keyword": "route_keywords",
+    "fallback_to_remote": "fallback_to_remote",
+}
+
+
+class ServeError(Exception):
+    """A problem the user can fix (bad flag, busy port, missing model): printed, exit 1."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXIT_CODES_HELP
+    parser.add_argument("--model", type=Path, help="merged student directory (default: the demo student)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), help="hardware profile filling unset options (e.g. rtx4090)")
+    parser.add_argument("--host", help="gateway address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="gateway port (default 8000)")
+    parser.add_argument("--vllm-port", type=int, help="port of the vLLM child (default 8001)")
+    parser.add_argument(
+        "--upstream", metavar="URL", action="append",
+        help="front an already running vLLM instead of starting one; repeat for several replicas (balanced, health-checked)",
+    )
+    parser.add_argument("--served-model-name", help="model name clients send (default 'student')")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], help="default: gpu if nvidia-smi exists")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--max-model-len", type=int, help="context length in tokens (default: the model's own)")
+    parser.add_argument("--max-num-seqs", type=int, help="most sequences vLLM runs at once (default 64)")
+    parser.add_argument("--kv-cache-gib", type=float, help="CPU only: KV cache size in GiB (default 2)")
+    parser.add_argument("--vllm-arg", action="append", help="extra argument for vLLM (repeatable)")
+    parser.add_argument("--access-log", action="store_true", default=None, help="log one line per request: status, tokens, TTFT, TPOT, latency")
+    access = parser.add_argument_group("who may call, and how many at once")
+    access.add_argument("--api-keys-file", type=Path, help="file of name=key lines; /v1/* then needs Authorization: Bearer KEY (or STUDENT_API_KEYS)")
+    access.add_argument("--observability", choices=["open", "key", "localhost"], help="who may read /metrics, /stats, /dashboard (default open)")
+    access.add_argument("--rate-limit-rpm", type=int, help="requests per minute per key (429 + Retry-After beyond)")
+    access.add_argument("--rate-limit-tpm", type=int, help="tokens (prompt + completion) per minute per key, charged as answers finish (429 + Retry-After beyond)")
+    access.add_argument("--max-in-flight", type=int, help="answers the gateway lets run at once (default 2 x max-num-seqs)")
+    access.add_argument("--drain-timeout-s", type=float, help="on SIGTERM: stop accepting, let answers in flight finish this long (default 30)")
+    access.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (default 3 x max-num-seqs)")
+    access.add_argument("--first-token-timeout-s", type=float, help="streams: end with a 504 error event (and abort upstream) if no token came in this long (default 120)")
+    access.add_argument("--inter-token-timeout-s", type=float, help="streams: the same when the upstream goes silent this long between tokens (default 30)")
+    hybrid = parser.add_argument_group("hybrid routing: a remote OpenAI-compatible API beside the student")
+    hybrid.add_argument("--remote-url", metavar="URL", help="the remote's OpenAI-compatible root, e.g. https://api.deepseek.com (enables routing)")
+    hybrid.add_argument("--remote-model", metavar="NAME", help="model name sent to the remote (required with --remote-url)")
+    hybrid.add_argument("--remote-api-key-env", metavar="VAR", help="environment variable holding the remote's key (read at start, sent as Bearer, never shown)")
+    hybrid.add_argument("--remote-price", metavar="PRICE", help="remote's USD per 1M tokens: IN,OUT or one number, or an API price table name (default: --remote-model's entry)")
+    hybrid.add_argument("--route-header", metavar="NAME", help="request header choosing the route, local|remote (default X-Student-Route)")
+    hybrid.add_argument("--route-remote-model", metavar="NAME", action="append", help="a requested model name that means remote (repeatable; default 'remote'; --remote-model always does)")
+    hybrid.add_argument("--route-keyword", metavar="TEXT", action="append", help="a last user message containing TEXT goes remote (repeatable; default: tại sao, phân tích, so sánh)")
+    hybrid.add_argument("--fallback-to-remote", action=argparse.BooleanOptionalAction, default=None, help="send to the remote when local is not ready or at capacity (default on)")
+    measuring = parser.add_argument_group("measuring and money")
+    measuring.add_argument("--ledger", type=Path, help="SQLite ledger file (default ~/.local/share/student-serve/ledger.sqlite3)")
+    measuring.add_argument("--power-source", choices=["auto", "nvml", "rapl", "none"], help="energy meter source (default auto: NVML, else RAPL)")
+    measuring.add_argument("--power-limit-w", type=float, help="cap each GPU at this many watts at start (NVML, needs root); restored at exit")
+    measuring.add_argument("--idle-w", type=float, help="idle power in watts (default: measured over the first 5 s)")
+    measuring.add_argument("--price-per-kwh", type=float, help="electricity price per kWh (default 2998, VND)")
+    measuring.add_argument("--currency", help="currency of --price-per-kwh (default VND)")
+    measuring.add_argument("--usd-rate", type=float, help="units of --currency per USD (default 25000)")
+    measuring.add_argument("--wall-power-factor", type=float, help="measured energy x this = wall estimate (default 1.0: device only)")
+    measuring.add_argument("--no-telemetry", dest="telemetry", action="store_false", default=None, help="measure nothing (only to benchmark the gateway)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Defaults, then the profile (if any), then `STUDENT_*` variables, then the flags passed."""
+    overrides = {
+        field: getattr(args, flag)
+        for flag, field in _FLAG_FIELDS.items()
+        if getattr(args, flag, None) is not None
+    }
+    try:
+        settings = Settings(**overrides)
+        if settings.profile is None:
+            return settings
+        chosen = settings.model_fields_set
+        filled = {k: v for k, v in profile_settings(settings.profile).items() if k not in chosen}
+        return Settings(**filled, **overrides)
+    except KeyError as exc:
+        raise ServeError(exc.args[0]) from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise ServeError(f"invalid settings: {problems}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+        return serve(settings)
+    except ServeError as exc:
+        print(f"student serve: {exc}", file=sys.stderr)
+        return 1
+
+
+def serve(settings: Settings) -> int:
+    """Run until stopped; returns the process exit code (see `server.runtime.stop_signals`)."""
+    _log_to_stderr()
+    supervisor = None
+    with StopSignals() as stop:
+        _check_before_start(settings)
+        if stop.requested.is_set():
+            return _stopped(stop)
+        try:
+            if settings.manages_vllm:
+                model_dir = _model_dir(settings, stop.requested)
+                if model_dir is None:
+                    return _stopped(stop)
+                supervisor = VllmSupervisor(settings, model_dir)
+                supervisor.start()
+                waited_s = supervisor.wait_ready(stop_requested=stop.requested)
+                if waited_s is None:
+                    return _stopped(stop)
+                _say(f"vLLM ready in {waited_s:.1f} s at {settings.upstream_base_url}")
+            else:
+                _say(f"fronting {len(settings.upstream_urls)} vLLM replica(s): {', '.join(settings.upstream_urls)}")
+            if settings.has_remote:
+                _say(_describe_routing(settings))
+            _print_usage(settings)
+            server = GatewayServer(_uvicorn_config(settings, supervisor))
+            stop.attach(server)
+            server.run()
+            if stop.exit_code is not None:
+                return stop.exit_code
+            return 0 if server.started else 1
+        except VllmStartError as exc:
+            if stop.exit_code is not None:  # stopping vLLM mid-start-up can look like a failed start
+                return _stopped(stop)
+            print(f"student serve: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            if supervisor is not None:
+                _say("stopping vLLM")
+                supervisor.stop()
+
+
+def _check_before_start(settings: Settings) -> None:
+    """What can be refused in a second is refused before vLLM spends a minute starting."""
+    try:
+        keys = load_keys(settings.api_keys, settings.api_keys_file)
+    except KeyFileError as exc:
+        raise ServeError(str(exc)) from None
+    if keys:
+        _say(f"API keys required on /v1/* ({len(keys)} key(s): {', '.join(sorted(keys.values()))})")
+    _require_free_port(settings.host, settings.port, "gateway")
+    if settings.manages_vllm:
+        _require_free_port(settings.vllm_host, settings.vllm_port, "vLLM")
+
+
+def _stopped(stop: StopSignals) -> int:
+    _say("start-up abandoned")
+    assert stop.exit_code is not None
+    return stop.exit_code
+
+
+def _uvicorn_config(settings: Settings, supervisor: VllmSupervisor | None) -> uvicorn.Config:
+    return uvicorn.Config(
+        create_app(settings, supervisor),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        timeout_graceful_shutdown=settings.drain_timeout_s,
+        log_level="info",
+    )
+
+
+def _model_dir(settings: Settings, stop_requested: threading.Event) -> Path | None:
+    """The model to serve; None when a stop signal came while the demo student was built."""
+    if settings.model_dir is None:
+        _say(f"no --model given: using the demo student (cache {settings.cache_dir})")
+        return _demo_student(settings.cache_dir, stop_requested)
+    model_dir = settings.model_dir.expanduser().resolve()
+    if not (model_dir / "config.json").is_file():
+        raise ServeError(f"{model_dir} is not a model directory (no config.json); pass a merged student")
+    return model_dir
+
+
+def _demo_student(cache_dir: Path, stop_requested: threading.Event) -> Path | None:
+    """Build or reuse the demo student in a child process, so the gateway never loads torch.
+
+    A stop signal interrupts the child like Ctrl-C (it removes its half-built staging directory)
+    and returns None.
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-m", "server.runtime.cli", "demo-model"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "STUDENT_CACHE_DIR": str(cache_dir)},
+        start_new_session=True,  # a terminal's Ctrl-C reaches it once, forwarded from here
+    )
+    while child.poll() is None:
+        if stop_requested.wait(0.2):
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(DEMO_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            return None
+    assert child.stdout is not None
+    out = child.stdout.read()
+    if child.returncode != 0:
+        raise ServeError(f"could not build the demo student (student demo-model exited {child.returncode})")
+    return Path(out.strip().splitlines()[-1])
+
+
+def _require_free_port(host: str, port: int, role: str) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ServeError(f"cannot use {host}:{port} for the {role}: {exc.strerror}") from None
+
+
+def _print_usage(settings: Settings) -> None:
+    url = f"http://{settings.host}:{settings.port}/v1"
+    _say(
+        f"gateway starting. OpenAI-compatible API: {url} (model '{settings.served_model_name}')\n"
+        f"  try: curl -N {url}/chat/completions -H 'Content-Type: application/json' -d "
+        f"'{{\"model\": \"{settings.served_model_name}\", \"stream\": true, "
+        f"\"messages\": [{{\"role\": \"user\", \"content\": \"Đơn hàng của tôi đang ở đâu?\"}}]}}'\n"
+        f"  or:  OpenAI(base_url=\"{url}\", api_key=\"unused\")   health: /health  ready: /ready\n"
+        f"  measured: http://{settings.host}:{settings.port}/dashboard  /stats  /metrics   "
+        f"ledger: {settings.ledger_path} (student report)"
+    )
+
+
+def _describe_routing(settings: Settings) -> str:
+    """One line on hybrid routing, naming where the key comes from, never the key."""
+    price = settings.remote_api_price
+    rules = settings.routing_rules
+    key = f"key from ${settings.remote_api_key_env}" if settings.remote_api_key_env else "no key"
+    keywords = ", ".join(rules.keywords) or "none"
+    fallback = "on" if rules.fallback else "off"
+    return (
+        f"hybrid routing: remote {settings.remote_url} model '{settings.remote_model}' ({key}; "
+        f"${price.input_usd_per_mtok:g}/${price.output_usd_per_mtok:g} per 1M tokens in/out); "  # type: ignore[union-attr]
+        f"{rules.header}: local|remote, models {sorted(rules.remote_models)}, keywords: {keywords}; "
+        f"fallback to remote: {fallback}"
+    )
+
+
+def _log_to_stderr() -> None:
+    """The gateway's own loggers (`server.*`) print like `_say` does; uvicorn keeps its own."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[student] %(message)s"))
+    package_logger = logging.getLogger("server")
+    package_logger.handlers[:] = [handler]
+    package_logger.setLevel(logging.INFO)
+    package_logger.propagate = False
+
+
+def _say(message: str) -> None:
+    print(f"[student] {message}", file=sys.stderr, flush=True)
+

@@ -1,0 +1,283 @@
+"""The one settings object of a `student serve` process: read once at start-up, then passed in.
+
+Values come from `STUDENT_*` environment variables, overridden by command-line flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from server.accounting.tariff import DEFAULT_PRICE_PER_KWH_VND, DEFAULT_USD_RATE, ApiPrice, Tariff, default_api_prices
+from server.accounting.ledger import default_ledger_path
+from server.control.hybrid_routing import DEFAULT_KEYWORDS, DEFAULT_ROUTE_HEADER, RoutingRules
+
+Device = Literal["auto", "cpu", "gpu"]
+PowerSourceChoice = Literal["auto", "nvml", "rapl", "none"]
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an HTTP token (RFC 9110 §5.1)
+
+
+def default_cache_dir() -> Path:
+    """Where built artefacts (the demo student) are kept between runs."""
+    return Path.home() / ".cache" / "student-serve"
+
+
+class Settings(BaseSettings):
+    """Everything `student serve` needs to run the gateway and (optionally) its vLLM child."""
+
+    model_config = SettingsConfigDict(env_prefix="STUDENT_", extra="ignore", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    model_dir: Path | None = None
+    served_model_name: str = "student"
+    # vLLM servers to front (replicas); none: start and supervise one. The environment takes a
+    # comma-separated list as STUDENT_UPSTREAM_URLS or, as before, STUDENT_UPSTREAM_URL (an
+    # alias stops env_prefix applying, hence the full names); `upstream_url=` still works too.
+    upstream_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=AliasChoices("student_upstream_urls", "student_upstream_url")
+    )
+    health_check_interval_s: float = Field(2.0, gt=0, description="how often each upstream's /health is polled")
+
+    profile: str | None = Field(None, description="named hardware profile (server/runtime/profiles.py)")
+    vllm_host: str = "127.0.0.1"
+    vllm_port: int = Field(8001, ge=1, le=65535)
+    device: Device = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = Field(None, ge=16, description="tokens; None: the model's own limit")
+    max_num_seqs: int = Field(64, ge=1)
+    kv_cache_gib: float = Field(2.0, gt=0, description="CPU only: VLLM_CPU_KVCACHE_SPACE, GiB")
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
+    vllm_extra_args: list[str] = Field(default_factory=list)
+    vllm_start_timeout_s: float = Field(600.0, gt=0)
+    vllm_stop_timeout_s: float = Field(20.0, gt=0)
+
+    upstream_connect_timeout_s: float = Field(10.0, gt=0)
+    upstream_read_timeout_s: float = Field(600.0, gt=0, description="whole answers: longest silence between bytes")
+    first_token_timeout_s: float = Field(120.0, gt=0, description="streams: longest wait for the first event")
+    inter_token_timeout_s: float = Field(30.0, gt=0, description="streams: longest silence between events")
+    upstream_max_connections: int = Field(4096, ge=1)
+    ready_timeout_s: float = Field(2.0, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long answers in flight may finish")
+
+    access_log: bool = False
+
+    api_keys: str | None = Field(None, repr=False, description="name=key pairs, comma-separated")
+    api_keys_file: Path | None = Field(None, description="file of name=key lines")
+    observability_access: Literal["open", "key", "localhost"] = "open"
+    rate_limit_rpm: int | None = Field(None, ge=1, description="requests per minute per key")
+    rate_limit_tpm: int | None = Field(None, ge=1, description="tokens (prompt + completion) per minute per key")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    max_in_flight: int | None = Field(None, ge=1, description="default 2 × max_num_seqs")
+    max_queue: int | None = Field(None, ge=0, description="default 3 × max_num_seqs")
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+
+    telemetry: bool = Field(True, description="measure requests (metrics, stats, ledger); off only to benchmark")
+    ledger_path: Path = Field(default_factory=default_ledger_path)
+    stats_retention: int = Field(100_000, ge=100, description="finished requests kept in memory for /stats")
+
+    power_source: PowerSourceChoice = "auto"
+    idle_w: float | None = Field(None, ge=0, description="watts; None: measured at start-up")
+    idle_window_s: float = Field(5.0, gt=0)
+    energy_sample_hz: float = Field(10.0, gt=0, le=1000)
+    power_limit_w: float | None = Field(None, gt=0, description="cap each GPU at this many W (NVML, root)")
+    energy_ledger_interval_s: float = Field(60.0, gt=0, description="how often energy totals go to the ledger")
+
+    price_per_kwh: float = Field(DEFAULT_PRICE_PER_KWH_VND, ge=0)
+    currency: str = "VND"
+    usd_rate: float = Field(DEFAULT_USD_RATE, gt=0, description="units of `currency` per USD")
+    wall_power_factor: float = Field(1.0, ge=1.0, description="measured energy × this = estimate at the wall")
+    api_prices: dict[str, ApiPrice] = Field(default_factory=default_api_prices)
+
+    # Hybrid routing (server/control/hybrid_routing.py): an OpenAI-compatible remote beside the local student.
+    remote_url: str | None = Field(None, description="OpenAI-compatible root of the remote, e.g. https://api.deepseek.com")
+    remote_model: str | None = Field(None, description="the model name sent to the remote")
+    remote_api_key_env: str | None = Field(None, description="name of the environment variable holding the remote's key")
+    remote_price: str | None = Field(
+        None, description="remote's USD per 1M tokens: 'IN,OUT', one number for both, or an api_prices name"
+    )
+    route_header: str = Field(DEFAULT_ROUTE_HEADER, description="request header naming the route: local|remote")
+    route_remote_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["remote"], description="requested model names that mean remote (and remote_model)"
+    )
+    route_keywords: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_KEYWORDS), description="a last user message containing one goes remote"
+    )
+    fallback_to_remote: bool = Field(True, description="local not ready or at capacity: send to the remote instead")
+    _remote_api_key: SecretStr | None = PrivateAttr(None)  # read from `remote_api_key_env` once, at start-up
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_upstream_url(cls, data: Any) -> Any:
+        """`Settings(upstream_url=...)`, the name of one upstream before replicas, still works."""
+        if isinstance(data, dict) and "upstream_url" in data:  # only a keyword argument has this key
+            data = {k: v for k, v in data.items() if k not in ("student_upstream_urls", "student_upstream_url")}
+            single = data.pop("upstream_url")
+            data["upstream_urls"] = [] if single is None else single
+        return data
+
+    @field_validator("upstream_urls", mode="before")
+    @classmethod
+    def _split_upstreams(cls, urls: Any) -> Any:
+        if isinstance(urls, str):
+            return [url.strip() for url in urls.split(",") if url.strip()]
+        return urls
+
+    @field_validator("upstream_urls")
+    @classmethod
+    def _upstreams_are_http(cls, urls: list[str]) -> list[str]:
+        roots: list[str] = []
+        for url in urls:
+            parsed = urlparse(url)
+            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                raise ValueError(f"upstream URL must look like http://host:port, got {url!r}")
+            root = url.rstrip("/").removesuffix("/v1")
+            if root in roots:
+                raise ValueError(f"upstream {root} is given twice")
+            roots.append(root)
+        return roots
+
+    @field_validator("remote_url")
+    @classmethod
+    def _remote_is_http(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"remote URL must look like https://host[/path], got {url!r}")
+        return url.rstrip("/").removesuffix("/v1")
+
+    @field_validator("route_remote_models", "route_keywords", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """From the environment: a JSON list, or comma-separated (empty: none)."""
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("route_header")
+    @classmethod
+    def _header_is_a_token(cls, name: str) -> str:
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"route header must be an HTTP header name, got {name!r}")
+        return name
+
+    @model_validator(mode="after")
+    def _remote_is_complete(self) -> Settings:
+        """A remote needs a model, a price and (when named) its key; read the key now, once."""
+        if self.remote_url is None:
+            given = [name for name in ("remote_model", "remote_api_key_env", "remote_price") if getattr(self, name)]
+            if given:
+                raise ValueError(f"{', '.join(given)} set but no remote_url (--remote-url / STUDENT_REMOTE_URL)")
+            return self
+        if not self.remote_model:
+            raise ValueError(
+                "remote_url needs remote_model (--remote-model / STUDENT_REMOTE_MODEL): the model name sent to the remote"
+            )
+        self._remote_price()  # fails now, not at the first remote request
+        if self.remote_api_key_env is not None:
+            key = os.environ.get(self.remote_api_key_env, "").strip()
+            if not key:
+                raise ValueError(
+                    f"remote_api_key_env (--remote-api-key-env / STUDENT_REMOTE_API_KEY_ENV) names "
+                    f"${self.remote_api_key_env}, which is not set or empty"
+                )
+            self._remote_api_key = SecretStr(key)
+        return self
+
+    def _remote_price(self) -> ApiPrice:
+        text = (self.remote_price or "").strip()
+        if not text:
+            if self.remote_model in self.api_prices:
+                return self.api_prices[self.remote_model]  # type: ignore[index]
+            raise ValueError(
+                f"remote_price (--remote-price / STUDENT_REMOTE_PRICE) is needed to account the remote's cost: "
+                f"USD per 1M tokens as 'IN,OUT' or one number, or one of {sorted(self.api_prices)}"
+            )
+        if text in self.api_prices:
+            return self.api_prices[text]
+        parts = [part.strip() for part in text.split(",")]
+        try:
+            numbers = [float(part) for part in parts]
+        except ValueError:
+            raise ValueError(
+                f"remote_price {text!r}: expected USD per 1M tokens ('IN,OUT' or one number) "
+                f"or one of {sorted(self.api_prices)}"
+            ) from None
+        if len(numbers) not in (1, 2) or any(not number >= 0 for number in numbers):
+            raise ValueError(f"remote_price {text!r}: one or two numbers >= 0 (USD per 1M input, output tokens)")
+        return ApiPrice(
+            input_usd_per_mtok=numbers[0], output_usd_per_mtok=numbers[-1], source=f"remote_price {text!r}"
+        )
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Settings:
+        if self.manages_vllm and self.port == self.vllm_port and self.host == self.vllm_host:
+            raise ValueError(f"gateway and vLLM cannot both listen on {self.host}:{self.port}")
+        return self
+
+    @property
+    def upstream_base_urls(self) -> list[str]:
+        """Root URLs (no trailing /v1) of the vLLM servers the gateway forwards to: the
+        `--upstream` ones, or the vLLM child's."""
+        return list(self.upstream_urls) or [f"http://{self.vllm_host}:{self.vllm_port}"]
+
+    @property
+    def upstream_base_url(self) -> str:
+        """The first upstream's root URL: the vLLM child's when `student serve` manages it."""
+        return self.upstream_base_urls[0]
+
+    @property
+    def admission_limits(self) -> tuple[int, int]:
+        """(answers in flight, waiting line): by default 2 and 3 × vLLM's batch (5 in all)."""
+        in_flight = self.max_in_flight if self.max_in_flight is not None else 2 * self.max_num_seqs
+        queue = self.max_queue if self.max_queue is not None else 3 * self.max_num_seqs
+        return in_flight, queue
+
+    @property
+    def has_remote(self) -> bool:
+        return self.remote_url is not None
+
+    @property
+    def remote_api_key(self) -> str | None:
+        """The remote's key, read from `$remote_api_key_env` when the settings were made."""
+        return None if self._remote_api_key is None else self._remote_api_key.get_secret_value()
+
+    @property
+    def remote_api_price(self) -> ApiPrice | None:
+        """The remote's price per 1M tokens (None without a remote)."""
+        return self._remote_price() if self.has_remote else None
+
+    @property
+    def routing_rules(self) -> RoutingRules:
+        """The rules of server/control/hybrid_routing.py: the remote's model name means remote too, unless it is
+        also the name the student is served under (a request for that name is the student's)."""
+        models = {*self.route_remote_models, *([self.remote_model] if self.remote_model else [])}
+        models.discard(self.served_model_name)
+        return RoutingRules.of(self.route_header, models, self.route_keywords, self.fallback_to_remote)
+
+    @property
+    def tariff(self) -> Tariff:
+        return Tariff(self.price_per_kwh, self.currency, self.usd_rate, self.wall_power_factor)
+
+    @property
+    def manages_vllm(self) -> bool:
+        """True when `student serve` starts vLLM itself rather than fronting `--upstream`."""
+        return not self.upstream_urls
+
+    def resolved_device(self) -> Literal["cpu", "gpu"]:
+        """`auto` means GPU when an NVIDIA driver is visible (nvidia-smi on PATH)."""
+        if self.device != "auto":
+            return self.device
+        return "gpu" if shutil.which("nvidia-smi") else "cpu"

@@ -1,0 +1,212 @@
+"""Accounting end to end on the real stack: the client's counts == /stats == /metrics == the ledger.
+
+Also: the ledger keeps every finished request through a SIGKILL of the gateway, and with a power
+source that measures (a steady stand-in: this machine has no GPU and no RAPL) every request gets
+energy, and the energy adds up.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.gateway.app import create_app
+from server.accounting.ledger import read_requests
+from server.telemetry.power_sources import SteadySource
+from server.runtime.settings import Settings
+from tests.support import Stack, free_port, gateway_stats, http_get, start_stack, uvicorn_in_thread, wait_for
+
+PROMPTS = ["Đơn hàng #12345 của tôi đang ở đâu?", "Chính sách đổi trả thế nào?", "Tôi muốn dùng mã giảm giá."]
+
+
+@dataclass
+class Counted:
+    """What the client saw: requests answered and the tokens vLLM's usage reported to it."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, usage: object) -> None:
+        self.requests += 1
+        self.prompt_tokens += usage.prompt_tokens  # type: ignore[attr-defined]
+        self.completion_tokens += usage.completion_tokens  # type: ignore[attr-defined]
+
+
+def run_workload(base_url: str, max_tokens: int = 12, extra: dict | None = None) -> Counted:
+    """Streamed and whole chat and text completions, every one with usage visible to the client.
+
+    Every answer runs to `max_tokens` (`ignore_eos`): a random model's answer may otherwise end
+    at its first token with no text, and a stream without text has no time to first token.
+    """
+    client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    counted = Counted()
+    body = {"max_tokens": max_tokens, "extra_body": {"ignore_eos": True, **(extra or {})}}
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        counted.add(client.chat.completions.create(model="student", messages=messages, **body).usage)
+        usage = None
+        for chunk in client.chat.completions.create(
+            model="student", messages=messages, stream=True, stream_options={"include_usage": True}, **body
+        ):
+            usage = chunk.usage or usage
+        counted.add(usage)
+        counted.add(client.completions.create(model="student", prompt=prompt, **body).usage)
+        for chunk in client.completions.create(
+            model="student", prompt=prompt, stream=True, stream_options={"include_usage": True}, **body
+        ):
+            usage = chunk.usage or usage
+        counted.add(usage)
+    return counted
+
+
+def metric_sums(url: str) -> dict[str, float]:
+    """Each sample name of /metrics (parsed by prometheus-client) summed over its labels."""
+    status, body = http_get(f"{url}/metrics")
+    assert status == 200
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            key = sample.name if sample.name != "student_energy_joules_total" else f"energy_{sample.labels['kind']}"
+            sums[key] = sums.get(key, 0.0) + sample.value
+    return sums
+
+
+def ledger_sums(path: Path) -> Counted:
+    rows = read_requests(path)
+    return Counted(len(rows), sum(r.prompt_tokens or 0 for r in rows), sum(r.completion_tokens or 0 for r in rows))
+
+
+def test_stats_metrics_and_ledger_agree_exactly_with_the_client(stack: Stack) -> None:
+    assert wait_for(lambda: gateway_stats(stack.url)["requests"]["in_flight"] == 0, 60)
+    stats_before, metrics_before, ledger_before = gateway_stats(stack.url), metric_sums(stack.url), ledger_sums(stack.ledger_path)
+
+    counted = run_workload(stack.url)
+
+    after = gateway_stats(stack.url)
+    assert after["requests"]["total"] - stats_before["requests"]["total"] == counted.requests == 12
+    assert after["requests"]["ok"] - stats_before["requests"]["ok"] == counted.requests
+    assert after["requests"]["error"] == stats_before["requests"]["error"]
+    assert after["tokens"]["prompt"] - stats_before["tokens"]["prompt"] == counted.prompt_tokens
+    assert after["tokens"]["completion"] - stats_before["tokens"]["completion"] == counted.completion_tokens
+
+    metrics_after = metric_sums(stack.url)
+    for name, expected in (
+        ("student_requests_total", counted.requests),
+        ("student_prompt_tokens_total", counted.prompt_tokens),
+        ("student_completion_tokens_total", counted.completion_tokens),
+        ("student_e2e_request_latency_seconds_count", counted.requests),
+        ("student_time_to_first_token_seconds_count", counted.requests // 2),  # the streams
+    ):
+        assert metrics_after[name] - metrics_before.get(name, 0.0) == expected, name
+
+    ledger_after = ledger_sums(stack.ledger_path)
+    assert ledger_after.requests - ledger_before.requests == counted.requests
+    assert ledger_after.prompt_tokens - ledger_before.prompt_tokens == counted.prompt_tokens
+    assert ledger_after.completion_tokens - ledger_before.completion_tokens == counted.completion_tokens
+
+    latency = after["latency_ms"]
+    assert latency["e2e"]["count"] >= counted.requests and latency["e2e"]["p50"] > 0
+    assert latency["ttft"]["p50"] <= latency["e2e"]["p99"]
+    assert after["upstream"]["error"] is None and after["upstream"]["running"] == 0
+
+
+def test_a_window_counts_only_its_own_requests(stack: Stack) -> None:
+    run_workload(stack.url, max_tokens=2)
+    time.sleep(1.5)
+    assert gateway_stats(stack.url, window_s=1.0)["requests"]["total"] == 0
+    counted = run_workload(stack.url, max_tokens=2)
+    recent = gateway_stats(stack.url, window_s=1.0 + 1.0)
+    assert recent["window_s"] == 2.0
+    assert recent["requests"]["total"] >= 1  # the workload takes longer than the window on a slow box
+    assert gateway_stats(stack.url, window_s=600)["requests"]["total"] >= 2 * counted.requests
+
+
+def test_energy_here_is_unavailable_with_a_reason_everywhere(stack: Stack) -> None:
+    energy, cost = gateway_stats(stack.url)["energy"], gateway_stats(stack.url)["cost"]
+    assert energy["status"] == "unavailable" and "NVML" in energy["reason"] and "RAPL" in energy["reason"]
+    assert energy["total_j"] is None and energy["power_w"] is None  # never a 0 J that was not measured
+    assert cost["electricity"] is None and cost["projected_month"] is None and cost["per_request"] is None
+    assert cost["api_equivalent"]["gpt-4.1"]["cost_usd"] > 0  # tokens are still counted
+    sums = metric_sums(stack.url)
+    assert sums["student_energy_measured"] == 0 and "energy_total" not in sums
+    rows = read_requests(stack.ledger_path)
+    assert rows and all(row.energy_j is None and row.electricity_cost is None for row in rows)
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "abc"])
+def test_a_bad_window_is_a_400_in_openai_shape(stack: Stack, bad: str) -> None:
+    status, body = http_get(f"{stack.url}/stats?window={bad}")
+    assert status == 400 and json.loads(body)["error"]["param"] == "window"
+
+
+def test_the_ledger_keeps_every_finished_request_through_a_sigkill(stack: Stack, tmp_path: Path) -> None:
+    gateway = start_stack(["--upstream", stack.vllm_url], tmp_path / "gateway.log")
+    try:
+        gateway.wait_ready(60)
+        counted = run_workload(gateway.url, max_tokens=4)
+    finally:
+        gateway.stop(signal.SIGKILL)  # at once: no shutdown code runs
+    assert gateway.process.returncode == -signal.SIGKILL
+    assert ledger_sums(gateway.ledger_path) == counted
+
+
+@pytest.fixture
+def measured_gateway(stack: Stack, tmp_path: Path) -> Iterator[tuple[str, Settings]]:
+    """The real gateway app in-process, in front of the session's vLLM, on a steady 100 W source."""
+    settings = Settings(
+        upstream_url=stack.vllm_url, port=free_port(), ledger_path=tmp_path / "ledger.sqlite3", idle_w=20.0
+    )
+    app = create_app(settings, power_source=SteadySource(100.0, name="steady-test-source", reason="constant power for tests"))
+    with uvicorn_in_thread(app, settings.port):
+        yield f"http://127.0.0.1:{settings.port}", settings
+
+
+def test_measured_energy_is_attributed_to_every_request_and_adds_up(
+    measured_gateway: tuple[str, Settings],
+) -> None:
+    url, settings = measured_gateway
+    long_enough = {"ignore_eos": True}  # 400 tokens: each request spans several 0.1 s meter intervals
+    workers = [threading.Thread(target=run_workload, args=(url, 400, long_enough)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    plain = OpenAI(base_url=f"{url}/v1", api_key="unused").chat.completions.create(
+        model="student", messages=[{"role": "user", "content": PROMPTS[0]}], stream=True, max_tokens=400,
+        extra_body=long_enough,
+    )
+    chunks = list(plain)
+    assert all(chunk.usage is None for chunk in chunks)  # the running usage asked for the meter is removed
+    assert sum(len(c.choices[0].delta.content or "") for c in chunks if c.choices) > 0
+
+    now = gateway_stats(url)
+    energy = now["energy"]
+    assert (energy["status"], energy["source"]) == ("ok", "steady-test-source")
+    rows = read_requests(settings.ledger_path)
+    assert len(rows) == 25 and now["requests"]["total"] == 25
+    assert all(row.energy_j is not None and row.energy_j > 0 for row in rows)
+    assert all(row.electricity_cost == pytest.approx(row.energy_j / 3.6e6 * 2998.0) for row in rows)
+    attributed_j = energy["active_j"] - energy["unattributed_j"]
+    assert sum(row.energy_j for row in rows) == pytest.approx(attributed_j, rel=1e-9)
+    assert energy["total_j"] == pytest.approx(energy["active_j"] + energy["idle_j"], rel=1e-9)
+    assert energy["idle_j"] == pytest.approx(20.0 * now["uptime_s"], rel=0.1)
+
+    cost = now["cost"]
+    assert cost["electricity"] == pytest.approx(energy["total_j"] / 3.6e6 * 2998.0, rel=0.05)
+    assert cost["per_request"] > 0 and cost["projected_month"] > 0
+    assert cost["api_equivalent"]["gpt-4.1"]["saving_usd"] is not None
+
+    sums = metric_sums(url)
+    assert sums["student_energy_measured"] == 1 and sums["energy_total"] > 0
+    assert sums["student_request_energy_joules_total"] == pytest.approx(attributed_j, rel=1e-9)
+    assert sums["student_power_watts"] == 100.0
