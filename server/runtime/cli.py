@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("models.merge", "merge a LoRA adapter into its base model and verify the result"),
     "base-model": ("models.base_model", "convert (or reuse) the pretrained base, SmolLM2-135M-Instruct, offline"),
     "demo-model": ("models.demo", "build (or reuse) the embedded demo student"),
-    "distill": ("models.distill", "training data from an OpenAI-compatible teacher: response, cot, multitask (resumable)"),
+    "distill": ("models.distill.command", "training data from an OpenAI-compatible teacher: response, cot, multitask (resumable)"),
     "dataset": ("models.dataset_check", "check a chat JSONL dataset for training and split it: student dataset check"),
     "train-lora": ("models.train_lora", "LoRA fine-tune a base model on chat JSONL (loss on assistant turns)"),
     "report": ("server.accounting.ledger_report", "daily table of requests, tokens, kWh, electricity and API-equivalent cost from the ledger"),

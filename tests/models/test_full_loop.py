@@ -6,7 +6,7 @@ teacher (the session stack: `student serve` on the tiny random model) → `stude
 
 The student's base is the teacher's own tiny model (it has a chat template and a 4096-token
 context, so the merged student starts with the session stack's arguments). The teacher is made
-to write `<think>…</think>` replies with vLLM's structured outputs, as in test_distill.py.
+to write `<think>…</think>` replies with vLLM's structured outputs, as in tests/models/distill/test_command.py.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import subprocess
 from pathlib import Path
 
 from models.dataset_check import TRAIN_FILE, VALIDATION_FILE
-from models.distill_plan import SYSTEM_PROMPT
+from models.distill.plan import SYSTEM_PROMPT
 from models.merge import MANIFEST_NAME
 from models.train_lora import TRAINING_RECORD
 from server.accounting.ledger import read_requests
 from tests.conftest import STACK_ARGS
-from tests.models.test_distill import THINK_REGEX, TOPICS, manifest_of, rows_of, run_cli, teacher_args, write_topics
+from tests.models.distill.test_command import THINK_REGEX, TOPICS, manifest_of, rows_of, run_cli, teacher_args, write_topics
 from tests.support import STUDENT, Stack, http_get, post_json, running_stack, wait_for
 
 QUESTIONS_PER_TOPIC = 2

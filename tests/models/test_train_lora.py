@@ -24,9 +24,9 @@ from models.train import (
     evaluate_loss,
     load_chat_jsonl,
 )
-from models.distill import sample_row
-from models.distill_plan import PlannedSample
-from models.teacher import ChatReply
+from models.distill.command import sample_row
+from models.distill.plan import PlannedSample
+from models.distill.teacher import ChatReply
 from models.train_lora import LORA_TARGETS, TRAINING_RECORD, LoraSettings, TrainLoraResult
 from server.runtime import cli
 from tests.models.helpers import chat_ids, logits_of

@@ -64,8 +64,8 @@ from pathlib import Path
 from typing import Any
 
 from models.arguments import non_negative_float, non_negative_int, positive_float, positive_int
-from models.distill_output import MANIFEST_FILE, PLAN_FILE, QUESTIONS_FILE, SAMPLES_FILE, OutputFolder
-from models.distill_plan import (
+from models.distill.output import MANIFEST_FILE, PLAN_FILE, QUESTIONS_FILE, SAMPLES_FILE, OutputFolder
+from models.distill.plan import (
     SYSTEM_PROMPT,
     TASKS,
     DistillError,
@@ -81,7 +81,7 @@ from models.distill_plan import (
     plan_record,
     request_seed,
 )
-from models.distill_prompts import (
+from models.distill.prompts import (
     cot_assistant_content,
     extract_label,
     parse_questions,
@@ -90,7 +90,7 @@ from models.distill_prompts import (
     split_reasoning,
     task_messages,
 )
-from models.teacher import (
+from models.distill.teacher import (
     ChatReply,
     Price,
     RetryPolicy,

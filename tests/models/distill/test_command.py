@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from models import distill
-from models.distill import DEFAULT_DOCUMENTS_DIR, DEFAULT_TOPICS_FILE, sample_row
-from models.distill_output import OutputFolder
-from models.distill_plan import (
+from models.distill import command as distill
+from models.distill.command import DEFAULT_DOCUMENTS_DIR, DEFAULT_TOPICS_FILE, sample_row
+from models.distill.output import OutputFolder
+from models.distill.plan import (
     SYSTEM_PROMPT,
     DistillError,
     Generation,
@@ -36,11 +36,11 @@ from models.distill_plan import (
     plan_questions,
     slugify,
 )
-from models.distill_prompts import TASK_SYSTEM_PROMPTS, SplitReply, extract_label, parse_questions, split_reasoning
-from models.teacher import ChatReply, RetryPolicy, TeacherClient, TeacherConfig, TeacherReplyError
+from models.distill.prompts import TASK_SYSTEM_PROMPTS, SplitReply, extract_label, parse_questions, split_reasoning
+from models.distill.teacher import ChatReply, RetryPolicy, TeacherClient, TeacherConfig, TeacherReplyError
 from models.train import load_chat_jsonl
 from tests.conftest import STACK_ARGS
-from tests.models.test_teacher import completion, ok, scripted_teacher, status
+from tests.models.distill.test_teacher import completion, ok, scripted_teacher, status
 from tests.support import STUDENT, VLLM_READY_TIMEOUT_S, Stack, http_get, running_stack, wait_for
 
 RATE_LIMIT_RPM = 60
@@ -185,7 +185,7 @@ def test_a_torn_last_line_is_cut_off_and_a_complete_one_kept(tmp_path: Path) -> 
         folder.read_jsonl("samples.jsonl")
 
 
-# --- failures and stops, against a scripted teacher (tests/models/test_teacher.py's) ---
+# --- failures and stops, against a scripted teacher (tests/models/distill/test_teacher.py's) ---
 
 
 def run_scripted(

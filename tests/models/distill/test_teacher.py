@@ -1,6 +1,6 @@
 """The teacher client against a scripted HTTP server: retries, Retry-After, timeouts, refusals, usage.
 
-The end-to-end tests with real 429s from the project's own gateway are in test_distill.py (they
+The end-to-end tests with real 429s from the project's own gateway are in test_command.py (they
 share its one running stack); here a small aiohttp server plays each failure on cue, over real
 HTTP, and the client's sleeps are recorded instead of waited.
 """
@@ -19,7 +19,7 @@ from email.utils import format_datetime
 import pytest
 from aiohttp import web
 
-from models.teacher import (
+from models.distill.teacher import (
     ChatReply,
     Price,
     RequestPacer,

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from models.distill_plan import DistillError
+from models.distill.plan import DistillError
 
 SAMPLES_FILE = "samples.jsonl"
 QUESTIONS_FILE = "questions.jsonl"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.teacher import TeacherConfig
+from models.distill.teacher import TeacherConfig
 
 TASKS = ("summary", "qa", "classify", "extract")
 
