@@ -1,8 +1,9 @@
-"""`student`: one command-line program, one subcommand per job.
+"""`student`: the one command-line program; every package registers its commands here.
 
-Each subcommand lives in the module that does the job and exposes `add_arguments(parser)` and
-`run(args) -> exit code`. Only the chosen subcommand's module is imported, so `student --help`
-does not pay for importing torch.
+Each top-level package lists its commands in its own `commands.py` (`COMMANDS`: name -> (module,
+help)); this module collects them, in `PACKAGES` order. A command's module does the job and
+exposes `add_arguments(parser)` and `run(args) -> exit code`. Only the chosen command's module is
+imported, so `student --help` does not pay for importing torch.
 """
 
 from __future__ import annotations
@@ -11,18 +12,21 @@ import argparse
 import importlib
 import sys
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("server.runtime.serve", "run vLLM and the measuring gateway (demo student if no --model)"),
-    "merge": ("models.merge", "merge a LoRA adapter into its base model and verify the result"),
-    "base-model": ("models.base_model", "convert (or reuse) the pretrained base, SmolLM2-135M-Instruct, offline"),
-    "demo-model": ("models.demo", "build (or reuse) the embedded demo student"),
-    "distill": ("models.distill.command", "training data from an OpenAI-compatible teacher: response, cot, multitask (resumable)"),
-    "dataset": ("models.dataset_check", "check a chat JSONL dataset for training and split it: student dataset check"),
-    "train-lora": ("models.train_lora", "LoRA fine-tune a base model on chat JSONL (loss on assistant turns)"),
-    "report": ("server.accounting.ledger_report", "daily table of requests, tokens, kWh, electricity and API-equivalent cost from the ledger"),
-    "load": ("loadtest.cli", "Locust scenarios: daily, capacity, soak, burst against a running gateway"),
-    "bench": ("benchmarks.cli", "measure the gateway's own cost: student bench overhead"),
-}
+PACKAGES = ("server", "models", "loadtest", "benchmarks")
+
+
+def registered_commands() -> dict[str, tuple[str, str]]:
+    """Every package's commands: name -> (module, help); a name registered twice is a bug."""
+    commands: dict[str, tuple[str, str]] = {}
+    for package in PACKAGES:
+        for name, entry in importlib.import_module(f"{package}.commands").COMMANDS.items():
+            if name in commands:
+                raise RuntimeError(f"command {name!r} is registered by {commands[name][0]} and {entry[0]}")
+            commands[name] = entry
+    return commands
+
+
+COMMANDS = registered_commands()
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
