@@ -8,8 +8,8 @@
    three variants alternate, so drift hits all of them alike. The sampler thread's CPU comes from
    `time.thread_time()` taken inside it at every reading (ns resolution); the process's from
    `time.process_time()` and psutil (10 ms ticks). The stand-in's `read()` costs almost nothing:
-   this is the meter's and the thread's cost, not NVML's. NVML's own read cost has to be measured
-   on a GPU machine (issue 6).
+   this is the meter's and the thread's cost, not NVML's. NVML's own read cost is measured on a
+   GPU machine by `student gpu-check` (docs/gpu-validation.md).
 
 2. **Latency added by the gateway, telemetry on vs off.** A tiny random Llama (seconds to
    build) is served by ONE vLLM; several gateways front it over real HTTP:
@@ -48,12 +48,10 @@ import math
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -65,8 +63,10 @@ from typing import Any
 import aiohttp
 import psutil
 
+from server.runtime.ports import free_port
 from server.telemetry.energy_attribution import EnergyMeter
-from server.telemetry.power_sources import Reading, SteadySource
+from server.telemetry.power_sources import SteadySource
+from server.telemetry.thread_cpu import ThreadCpuProbe
 
 REPO = Path(__file__).resolve().parents[1]
 STUDENT = str(Path(sys.executable).with_name("student"))
@@ -139,30 +139,6 @@ def steady_source() -> SteadySource:
     return SteadySource(STEADY_WATTS, reason=f"constant {STEADY_WATTS:g} W stand-in (benchmark)")
 
 
-class ThreadCpuProbe:
-    """Wraps a source and notes, at every `read()`, the reading thread's CPU time and the clock.
-
-    CPU between the first and last reading covers whole sampler-loop iterations: read, tick,
-    wait, wake. The probe itself adds two clock reads and a few appends per tick (~0.5 µs).
-    """
-
-    def __init__(self, source: SteadySource):
-        self._source = source
-        self.name, self.status, self.reason = source.name, source.status, source.reason
-        self.thread_cpu_s: list[float] = []
-        self.wall_s: list[float] = []
-        self.threads: set[int] = set()
-
-    def read(self) -> Reading:
-        self.thread_cpu_s.append(time.thread_time())
-        self.wall_s.append(time.monotonic())
-        self.threads.add(threading.get_ident())
-        return self._source.read()
-
-    def close(self) -> None:
-        self._source.close()
-
-
 @dataclass
 class SamplerWindow:
     """One timed window of one variant (hz None: the idle baseline)."""
@@ -223,7 +199,11 @@ def tick_alone_us(ticks: int = 20_000) -> float:
 
 def measure_sampler(seconds_per_variant: float) -> dict[str, Any]:
     """Idle, 10 Hz and 100 Hz in alternating windows; totals per variant."""
-    variants: list[tuple[str, float | None]] = [("idle (no sampler)", None), ("sampler 10 Hz", 10.0), ("sampler 100 Hz", 100.0)]
+    variants: list[tuple[str, float | None]] = [
+        ("idle (no sampler)", None),
+        ("sampler 10 Hz", 10.0),
+        ("sampler 100 Hz", 100.0),
+    ]
     window_s = seconds_per_variant / SAMPLER_ROUNDS
     windows: list[SamplerWindow] = []
     for round_index in range(SAMPLER_ROUNDS):
@@ -276,7 +256,11 @@ def sampler_report(result: dict[str, Any]) -> str:
             str(row["ticks"]) if sampled else "–",
             fmt(row["achieved_hz"]) if sampled else "–",
             fmt(row["thread_cpu_pct"], 3) if sampled else "–",
-            f"{fmt(row['us_per_tick'])} ({fmt(row['us_per_tick_min'])}–{fmt(row['us_per_tick_max'])})" if sampled else "–",
+            (
+                f"{fmt(row['us_per_tick'])} ({fmt(row['us_per_tick_min'])}–{fmt(row['us_per_tick_max'])})"
+                if sampled
+                else "–"
+            ),
             fmt(row["process_cpu_pct"], 3),
             fmt(row["process_cpu_pct_over_idle"], 3, sign=True),
             fmt(row["psutil_cpu_pct"], 2),
@@ -293,17 +277,11 @@ def sampler_report(result: dict[str, Any]) -> str:
         "the rest of a tick is the thread sleeping and waking (timer, futex, GIL, cold caches).",
         "process %core: time.process_time() of this whole process; psutil %core has 10 ms resolution.",
         "NVML's (or RAPL's) own read() cost is not in these numbers: the stand-in's read() is a clock "
-        "read. Measure it on a GPU machine (issue 6).",
+        "read. Measure it on a GPU machine: student gpu-check (nvml_read_cost, nvml_sampler_cpu).",
     ])
 
 
 # --- processes ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
@@ -524,7 +502,8 @@ def start_stack(services: Services, workdir: Path, model_dir: Path, max_num_seqs
             "STUDENT_PORT": str(port),
             **({"STUDENT_IDLE_W": str(IDLE_W)} if name == GW_METER else {}),
         }
-        gateways.append(services.start(name, argv or [STUDENT, "serve", "--upstream", upstream, "--port", str(port)], port, env))
+        command = argv or [STUDENT, "serve", "--upstream", upstream, "--port", str(port)]
+        gateways.append(services.start(name, command, port, env))
     for gateway in gateways:
         services.wait_ready(gateway, "/ready", timeout_s=60)
     say("gateways ready: " + ", ".join(f"{g.name} :{g.port} (pid {g.process.pid})" for g in gateways))
@@ -605,12 +584,19 @@ async def one_request(
 async def check_tokens(session: aiohttp.ClientSession, targets: list[Target], messages: list, max_tokens: int) -> None:
     """Every target answers with exactly `max_tokens` completion tokens (so tokens/s = max_tokens / E2E)."""
     for target in targets:
-        async with session.post(target.url + "/v1/chat/completions", json=request_body(messages, max_tokens, True)) as response:
+        body = request_body(messages, max_tokens, True)
+        async with session.post(target.url + "/v1/chat/completions", json=body) as response:
             text = await response.text()
-        usages = [json.loads(line[6:])["usage"] for line in text.splitlines() if line.startswith('data: {"') and '"usage":{' in line]
+        usages = [
+            json.loads(line[6:])["usage"]
+            for line in text.splitlines()
+            if line.startswith('data: {"') and '"usage":{' in line
+        ]
         completion = usages[-1]["completion_tokens"] if usages else None
         if completion != max_tokens:
-            raise RuntimeError(f"{target.name} answered {completion} completion tokens, expected {max_tokens}: {text[-500:]}")
+            raise RuntimeError(
+                f"{target.name} answered {completion} completion tokens, expected {max_tokens}: {text[-500:]}"
+            )
 
 
 async def run_phase(
@@ -680,12 +666,15 @@ def analyse_phase(
             "gateway_cpu_us_per_token": cpu_s[name] * 1e6 / (sent * max_tokens) if name in cpu_s and sent else None,
         }
     added = {name: paired(by_target[name], by_target[DIRECT]) for name in target_names if name != DIRECT}
-    on_vs_off = {name: paired(by_target[name], by_target[GW_OFF]) for name in target_names if name not in (DIRECT, GW_OFF)}
+    on_vs_off = {
+        name: paired(by_target[name], by_target[GW_OFF]) for name in target_names if name not in (DIRECT, GW_OFF)
+    }
     for name, row in on_vs_off.items():
         off_added, on_added = added[GW_OFF]["e2e_ms"]["median"], added[name]["e2e_ms"]["median"]
         # A ratio of two medians means something only when both gateways measurably add latency.
         row["added_e2e_ratio"] = on_added / off_added if off_added > 0 and on_added > 0 else None
-        off_cpu, on_cpu = per_target[GW_OFF]["gateway_cpu_ms_per_request"], per_target[name]["gateway_cpu_ms_per_request"]
+        off_cpu = per_target[GW_OFF]["gateway_cpu_ms_per_request"]
+        on_cpu = per_target[name]["gateway_cpu_ms_per_request"]
         row["cpu_per_request_ratio"] = on_cpu / off_cpu if off_cpu else None
     return {"wall_s": wall_s, "targets": per_target, "added_over_direct": added, "versus_gw_off": on_vs_off}
 
@@ -748,7 +737,10 @@ def phase_report(title: str, result: dict[str, Any]) -> str:
             verdict = f"×{added:.2f}, but the {name} − gw off interval includes 0: not distinguishable here"
         else:
             verdict = f"×{added:.2f}"
-        lines.append(f"{name} / gw off: gateway CPU per request ×{fmt(row['cpu_per_request_ratio'], 2)}; added E2E latency {verdict}")
+        lines.append(
+            f"{name} / gw off: gateway CPU per request ×{fmt(row['cpu_per_request_ratio'], 2)}; "
+            f"added E2E latency {verdict}"
+        )
     lines.append(
         "late 1st event: answers whose first event arrived after half their E2E time (the stream came as one "
         "burst); where this is high, TTFT measures CPU scheduling, not the gateway."
@@ -761,13 +753,22 @@ def phase_report(title: str, result: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.telemetry", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=60, help="rounds per phase; each sends one request to every target (default 60)")
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight in the second phase; 1 skips it (default 4)")
+    parser.add_argument(
+        "--requests", type=int, default=60, help="rounds per phase; each sends one request to every target (default 60)"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=4, help="requests in flight in the second phase; 1 skips it (default 4)"
+    )
     parser.add_argument("--max-tokens", type=int, default=128, help="completion tokens per request (default 128)")
     parser.add_argument("--sampler-seconds", type=float, default=20.0, help="seconds per sampler variant (default 20)")
     parser.add_argument("--skip-sampler", action="store_true", help="only the latency benchmark")
     parser.add_argument("--skip-latency", action="store_true", help="only the sampler benchmark")
-    parser.add_argument("--out", type=Path, default=Path("telemetry-benchmark.json"), help="results JSON (default ./telemetry-benchmark.json)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("telemetry-benchmark.json"),
+        help="results JSON (default ./telemetry-benchmark.json)",
+    )
     args = parser.parse_args(argv)
     if args.requests < 1 or args.concurrency < 1 or args.max_tokens < 1 or args.sampler_seconds <= 0:
         parser.error("--requests, --concurrency, --max-tokens and --sampler-seconds must be positive")
@@ -809,7 +810,8 @@ def setup_report(results: dict[str, Any]) -> str:
         )
         for name, status in latency["energy_at_start"].items():
             energy = (status or {}).get("energy")
-            lines.append(f"  {name}: " + (f"energy {energy['status']} ({energy['reason']})" if energy else "telemetry off"))
+            state = f"energy {energy['status']} ({energy['reason']})" if energy else "telemetry off"
+            lines.append(f"  {name}: {state}")
     return "\n".join(lines)
 
 
@@ -839,14 +841,18 @@ def run_latency(args: argparse.Namespace, results: dict[str, Any], printed: list
     say("stack stopped")
 
 
-async def _latency_phases(args: argparse.Namespace, targets: list[Target], out: dict[str, Any], printed: list[str]) -> None:
+async def _latency_phases(
+    args: argparse.Namespace, targets: list[Target], out: dict[str, Any], printed: list[str]
+) -> None:
     chats = prompts(args.requests)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         await check_tokens(session, targets, chats[0], args.max_tokens)
         say("warm-up: 3 rounds")
         await run_phase(session, "warm-up", targets, chats[:3], args.max_tokens, 1)
-        phases = [("sequential", 1)] + ([(f"concurrency {args.concurrency}", args.concurrency)] if args.concurrency > 1 else [])
+        phases = [("sequential", 1)]
+        if args.concurrency > 1:
+            phases.append((f"concurrency {args.concurrency}", args.concurrency))
         for phase, concurrency in phases:
             say(f"{phase}: {args.requests} rounds × {len(targets)} targets, {args.max_tokens} tokens each")
             samples, cpu_s, wall_s = await run_phase(session, phase, targets, chats, args.max_tokens, concurrency)
@@ -866,12 +872,17 @@ def main(argv: list[str] | None = None) -> int:
     printed: list[str] = []
     try:
         if not args.skip_sampler:
-            say(f"energy sampler: idle / 10 Hz / 100 Hz, {args.sampler_seconds:g} s each in {SAMPLER_ROUNDS} alternating windows")
+            say(
+                f"energy sampler: idle / 10 Hz / 100 Hz, {args.sampler_seconds:g} s each "
+                f"in {SAMPLER_ROUNDS} alternating windows"
+            )
             results["sampler"] = measure_sampler(args.sampler_seconds)
             printed.append(sampler_report(results["sampler"]))
             variants = results["sampler"]["variants"]
-            say("sampler done; thread CPU % of one core: "
-                + ", ".join(f"{name} {fmt(row['thread_cpu_pct'], 3)}" for name, row in variants.items() if row["ticks"]))
+            say(
+                "sampler done; thread CPU % of one core: "
+                + ", ".join(f"{name} {fmt(row['thread_cpu_pct'], 3)}" for name, row in variants.items() if row["ticks"])
+            )
         if not args.skip_latency:
             run_latency(args, results, printed)
     except KeyboardInterrupt:

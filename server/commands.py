@@ -6,4 +6,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "server.accounting.ledger_report",
         "daily table of requests, tokens, kWh, electricity and API-equivalent cost from the ledger",
     ),
+    "gpu-check": (
+        "server.gpu_check.runner",
+        "check the energy meter (NVML) and merge/train-lora on a real NVIDIA GPU (table, JSON; exit 1 if one fails)",
+    ),
 }

@@ -22,15 +22,10 @@ import psutil
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.runtime.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDENT = str(Path(sys.executable).with_name("student"))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
@@ -56,7 +51,10 @@ def open_raw_request(port: int, path: str, body: dict) -> socket.socket:
     """Send a request on a bare socket, so the test decides exactly when the client vanishes."""
     payload = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-    head = f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    )
     sock.sendall(head.encode() + payload)
     return sock
 
@@ -229,7 +227,9 @@ def _listening(port: int) -> bool:
 
 
 @contextmanager
-def running_stack(args: list[str], log_path: Path, env: dict[str, str] | None = None, ready_timeout_s: float = 60.0) -> Iterator[Stack]:
+def running_stack(
+    args: list[str], log_path: Path, env: dict[str, str] | None = None, ready_timeout_s: float = 60.0
+) -> Iterator[Stack]:
     """`start_stack`, wait until ready (gateway-only stacks: seconds; with vLLM pass minutes), and
     afterwards stop it and kill whatever of its process tree is left."""
     stack = start_stack(args, log_path, env)

@@ -1,17 +1,6 @@
-"""Check the energy meter and `student merge` on a real NVIDIA GPU, in one short run (issue 6).
+"""The energy meter's checks: its arithmetic and sampler on the CPU, NVML and attribution on a GPU.
 
-    python scripts/gpu_check.py --out gpu-check.json      # from the repository root
-
-About 3-4 minutes on one GPU, under a minute on a CPU-only machine. Needs PyTorch, transformers,
-peft, tokenizers, safetensors and nvidia-ml-py (imported as `pynvml`); not vLLM, FastAPI or a
-network. From the project it imports only `server.telemetry.power_sources`, `server.telemetry.energy_attribution` and `models.*`.
-
-Every check ends `passed`, `failed`, `skipped` (with the reason: no NVML, no CUDA) or `error`
-(with the traceback's last line). A check that cannot run on this machine is skipped, never
-estimated. The run prints a table and writes every number to `--out` (JSON); it exits 0 when
-every check that ran passed and 1 otherwise.
-
-CPU side (runs everywhere):
+CPU side (runs everywhere, `cpu_checks()`):
 
 * `trace_conservation`: the meter's arithmetic on replayed traces (counter with a reset, and
   instant power only), with requests reporting tokens and one that cannot: total equals the
@@ -19,10 +8,8 @@ CPU side (runs everywhere):
   request with more tokens gets more.
 * `sampler_cpu_standin`: the sampler thread's CPU at 10 Hz reading a stand-in source whose
   `read()` is a clock read (the meter's own cost), plus the process CPU with and without it.
-* `merge_bf16_cpu`: `student merge` of a tiny local base + LoRA adapter in bfloat16 on the CPU,
-  with its logit verification.
 
-GPU side (needs NVML, and CUDA for the load):
+GPU side (needs NVML, and CUDA for the load; `gpu_checks()`):
 
 * `gpu_info`: name, driver, NVML and CUDA driver versions, power limit, and whether the energy
   counter and the instant-power field are supported.
@@ -38,41 +25,24 @@ GPU side (needs NVML, and CUDA for the load):
 * `nvml_attribution`: the meter on the live source while concurrent synthetic "requests"
   (threads doing matmuls, one token per step, one not reporting tokens, one starting late)
   start and finish: conservation, and a request with more tokens gets more energy.
-* `merge_bf16_cuda`: the same merge as on the CPU, with `--device cuda`.
-* `train_lora_cuda`: `student train-lora` on that tiny base on the GPU (bfloat16 base weights,
-  a few steps on the bundled support chats): validation loss falls, and the adapter merges on
-  the GPU with its logit verification.
+
+PyTorch and pynvml are imported where they are used (or passed in as `torch`), never at import.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.metadata
-import json
 import math
-import os
-import platform
 import statistics
-import sys
-import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from server.telemetry.energy_attribution import EnergyMeter, EnergySnapshot  # noqa: E402  (after the sys.path line)
-from server.telemetry.power_sources import NvmlSource, Reading, SteadySource, TraceSource  # noqa: E402
-
-FORMAT = "gpu-check/1"
-DATASET_FILE = REPO / "models" / "data" / "support_chats.jsonl"
+from server.gpu_check.results import CheckResult, Outcome, Skip, cuda_device, run_check, say, skipped
+from server.telemetry.energy_attribution import EnergyMeter, EnergySnapshot
+from server.telemetry.power_sources import NvmlSource, Reading, SteadySource, TraceSource
+from server.telemetry.thread_cpu import ThreadCpuProbe
 
 # Pass/fail thresholds (also written into the JSON).
 COUNTER_VS_INSTANT_MAX_PCT = 2.0
@@ -91,92 +61,6 @@ IDLE_WINDOW_S = 5.0
 LOAD_MATRIX = 8192  # bf16 square matmuls for the duty-cycle load
 REQUEST_MATRIX = 4096  # and for the synthetic requests
 REQUEST_TOKEN_S = 0.004  # GPU time one synthetic "token" aims for
-
-_STARTED = time.monotonic()
-
-
-def say(message: str) -> None:
-    """A progress line on stderr, stamped with the seconds since start."""
-    print(f"[gpu-check {time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-# --- results ------------------------------------------------------------------------------
-
-
-class Skip(Exception):
-    """This check cannot run on this machine; the message says why."""
-
-
-@dataclass
-class Outcome:
-    """What a check found: a one-line summary, its numbers, and why it failed (empty: passed)."""
-
-    summary: str
-    metrics: dict[str, Any] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-
-    def require(self, condition: bool, failure: str) -> None:
-        if not condition:
-            self.failures.append(failure)
-
-
-@dataclass
-class CheckResult:
-    name: str
-    part: str  # "cpu" or "gpu"
-    title: str
-    status: str  # passed | failed | skipped | error
-    summary: str
-    reason: str | None
-    elapsed_s: float
-    metrics: dict[str, Any]
-
-
-def run_check(name: str, part: str, title: str, body: Callable[[], Outcome]) -> CheckResult:
-    """Run one check, timing it; a Skip or an exception becomes its status, never a crash."""
-    say(f"{name}: {title}")
-    started_s = time.monotonic()
-    try:
-        outcome = body()
-    except Skip as skip:
-        result = CheckResult(name, part, title, "skipped", "–", str(skip), time.monotonic() - started_s, {})
-    except Exception as error:  # a broken check must not hide the others
-        detail = traceback.format_exc(limit=-3)
-        result = CheckResult(
-            name, part, title, "error", "–", f"{type(error).__name__}: {error}", time.monotonic() - started_s,
-            {"traceback": detail},
-        )
-    else:
-        status = "failed" if outcome.failures else "passed"
-        reason = "; ".join(outcome.failures) if outcome.failures else None
-        result = CheckResult(
-            name, part, title, status, outcome.summary, reason, time.monotonic() - started_s, outcome.metrics
-        )
-    say(f"{name}: {result.status}" + (f" ({result.reason})" if result.reason else ""))
-    return result
-
-
-def skipped(name: str, part: str, title: str, reason: str) -> CheckResult:
-    say(f"{name}: skipped ({reason})")
-    return CheckResult(name, part, title, "skipped", "–", reason, 0.0, {})
-
-
-def exit_code(results: Sequence[CheckResult]) -> int:
-    """0 when every check that ran passed, 1 when any failed or broke."""
-    return 1 if any(r.status in ("failed", "error") for r in results) else 0
-
-
-def format_table(results: Sequence[CheckResult]) -> str:
-    headers = ("check", "part", "status", "time s", "result")
-    rows = [(r.name, r.part, r.status, f"{r.elapsed_s:.1f}", r.summary) for r in results]
-    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
-    line = "  ".join("{:<%d}" % w for w in widths[:-1]) + "  {}"
-    out = [line.format(*headers), line.format(*("-" * w for w in widths))]
-    out += [line.format(*row) for row in rows]
-    notes = [f"  {r.name} ({r.status}): {r.reason}" for r in results if r.reason]
-    if notes:
-        out += ["", "reasons:", *notes]
-    return "\n".join(out)
 
 
 def _rel_diff(a: float, b: float) -> float:
@@ -197,57 +81,6 @@ def conservation(snapshot: EnergySnapshot, request_j: Sequence[float]) -> dict[s
         "conservation_rel_error": _rel_diff(accounted_j, snapshot.total_j),
         "attributed_rel_error": _rel_diff(math.fsum(request_j), snapshot.attributed_j or 0.0),
     }
-
-
-# --- machine ------------------------------------------------------------------------------
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
-    }
-    for package in ("transformers", "peft", "tokenizers", "safetensors", "nvidia-ml-py", "numpy"):
-        info[package] = _version(package)
-    return info
-
-
-def cuda_device() -> Any:
-    """torch.device("cuda", 0), or Skip with the reason CUDA cannot be used."""
-    import torch
-
-    if torch.version.cuda is None:
-        raise Skip(f"CUDA unavailable: this PyTorch ({torch.__version__}) was built without CUDA")
-    if not torch.cuda.is_available():
-        raise Skip(f"CUDA unavailable: PyTorch {torch.__version__} sees no CUDA GPU (driver, CUDA_VISIBLE_DEVICES)")
-    return torch.device("cuda", 0)
 
 
 # --- CPU side: the meter's arithmetic on replayed traces ----------------------------------
@@ -348,26 +181,6 @@ def check_trace_conservation() -> Outcome:
 
 
 # --- sampler CPU ---------------------------------------------------------------------------
-
-
-class ThreadCpuProbe:
-    """Wraps a source; at every `read()` notes the reading thread's CPU time and the clock."""
-
-    def __init__(self, source: Any):
-        self._source = source
-        self.name, self.status, self.reason = source.name, source.status, source.reason
-        self.thread_cpu_s: list[float] = []
-        self.wall_s: list[float] = []
-        self.threads: set[int] = set()
-
-    def read(self) -> Reading:
-        self.thread_cpu_s.append(time.thread_time())
-        self.wall_s.append(time.monotonic())
-        self.threads.add(threading.get_ident())
-        return self._source.read()
-
-    def close(self) -> None:
-        pass
 
 
 def measure_sampler_cpu(source: Any, window_s: float, rounds: int, hz: float = SAMPLER_HZ) -> dict[str, Any]:
@@ -1053,103 +866,26 @@ def check_attribution(
     return attribution_outcome(requests, meter.snapshot(), extra)
 
 
-# --- merge --------------------------------------------------------------------------------
+# --- the groups the runner calls -----------------------------------------------------------
 
 
-def build_tiny_student(workdir: Path) -> tuple[Path, Path]:
-    """A random Llama (hidden 256, 4 layers) with a tokenizer trained here, and a random LoRA adapter."""
-    import warnings
+def cpu_checks() -> list[CheckResult]:
+    """The meter's checks that need no GPU: replayed traces, and the sampler on a stand-in source."""
+    return [
+        run_check(
+            "trace_conservation",
+            "cpu",
+            "EnergyMeter arithmetic on replayed traces (TraceSource)",
+            check_trace_conservation,
+        ),
+        run_check(
+            "sampler_cpu_standin",
+            "cpu",
+            f"sampler thread CPU at {SAMPLER_HZ:g} Hz on a stand-in source (≤ {SAMPLER_MAX_CORE_PCT}% of a core)",
+            lambda: sampler_outcome(measure_sampler_cpu(SteadySource(300.0), window_s=2.0, rounds=2)),
+        ),
+    ]
 
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from models.artifacts import quiet_transformers_progress
-    from models.tiny import build_random_llama
-    from models.tokenizer import train_tokenizer
-
-    rows = [json.loads(line) for line in DATASET_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
-    texts = [message["content"] for row in rows for message in row["messages"]]
-    tokenizer = train_tokenizer(texts, vocab_size=400)
-    adapter_dir = workdir / "adapter"
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
-    with quiet_transformers_progress(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        base_dir = build_random_llama(
-            tokenizer, workdir / "base", seed=0, hidden_size=256, num_heads=4, num_layers=4, intermediate_size=512
-        )
-        torch.manual_seed(1)
-        model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-        get_peft_model(model, config).save_pretrained(str(adapter_dir))
-    return base_dir, adapter_dir
-
-
-def check_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, device: str) -> Outcome:
-    from models.merge import VerificationError, merge_adapter
-
-    def progress(message: str) -> None:
-        say(f"merge ({device}): {message}")
-
-    try:
-        result = merge_adapter(base_dir, adapter_dir, out_dir, dtype="bfloat16", device=device, progress=progress)
-    except VerificationError as error:
-        result = error.result
-    v = result.verification
-    metrics = {
-        "device": result.device,
-        "dtype": result.dtype,
-        "elapsed_s": result.elapsed_s,
-        "out_dir": str(result.out_dir),
-        "weight_sha256": dict(result.weight_sha256),
-        "verification": asdict(v),
-    }
-    outcome = Outcome(
-        f"max |Δlogit| {v.max_abs_diff:.3g} {'≤' if v.passed else '>'} tol {v.tolerance:.3g} (adapter effect "
-        f"{v.adapter_effect_max_abs_diff:.3g}), {v.prompts} prompts, {result.elapsed_s:.1f} s",
-        metrics,
-    )
-    outcome.require(v.passed, f"max |Δlogit| {v.max_abs_diff:.3g} above the bfloat16 tolerance {v.tolerance:.3g}")
-    outcome.require(
-        v.adapter_effect_max_abs_diff > v.tolerance,
-        "the adapter changes logits less than the tolerance, so the check proves nothing",
-    )
-    return outcome
-
-
-def check_train_lora(base_dir: Path, workdir: Path, device: str) -> Outcome:
-    """`train_lora` on `device` (dtype auto: bfloat16 on a GPU), then `merge_adapter` of its adapter there."""
-    from models.merge import VerificationError, merge_adapter
-    from models.train import TrainConfig
-    from models.train_lora import LoraSettings, train_lora
-
-    rows = DATASET_FILE.read_text(encoding="utf-8").splitlines()
-    (workdir / "train.jsonl").write_text("\n".join(rows[:64]) + "\n", encoding="utf-8")
-    (workdir / "validation.jsonl").write_text("\n".join(rows[64:80]) + "\n", encoding="utf-8")
-    config = TrainConfig(steps=8, learning_rate=3e-3, batch_size=8, max_length=256, warmup_steps=0)
-    trained = train_lora(
-        base_dir, workdir / "train.jsonl", workdir / f"adapter-{device}", config, LoraSettings(r=8, alpha=16),
-        validation_path=workdir / "validation.jsonl", device=device, progress=lambda m: say(f"train-lora ({device}): {m}"),
-    )  # fmt: skip
-    record = trained.record
-    try:
-        merged = merge_adapter(base_dir, trained.out_dir, workdir / f"trained-merged-{device}", device=device)
-    except VerificationError as error:
-        merged = error.result
-    loss = record["validation_loss"]
-    metrics = {"training": {key: record[key] for key in ("device", "dtype", "validation_loss", "elapsed_s") if key in record},
-               "merge_verification": asdict(merged.verification)}  # fmt: skip
-    outcome = Outcome(
-        f"{record['device']} {record['dtype']}: validation loss {loss['before']:.3f} -> {loss['after']:.3f} nats; "
-        f"merged max |Δlogit| {merged.verification.max_abs_diff:.3g}",
-        metrics,
-    )
-    outcome.require(loss["after"] < loss["before"], "validation loss did not fall after training")
-    outcome.require(merged.verification.passed, "the trained adapter's merge failed its logit verification")
-    return outcome
-
-
-# --- the run ------------------------------------------------------------------------------
 
 GPU_CHECKS = {
     "gpu_info": "GPU, driver, NVML, power limit, counter and instant-field support",
@@ -1163,8 +899,12 @@ GPU_CHECKS = {
 }
 
 
-def gpu_checks(args: argparse.Namespace) -> list[CheckResult]:
-    """Every NVML check, sharing one source and one run of the duty-cycle phases."""
+def gpu_checks(phase_seconds: float, attribution_seconds: float) -> list[CheckResult]:
+    """Every NVML check, sharing one source and one run of the duty-cycle phases.
+
+    `phase_seconds` per duty-cycle phase; the synthetic requests keep the GPU busy for about
+    `attribution_seconds`.
+    """
     import torch
 
     try:
@@ -1192,7 +932,7 @@ def gpu_checks(args: argparse.Namespace) -> list[CheckResult]:
             info = results[0].metrics
 
             def counter_vs_instant() -> Outcome:
-                phase_run["run"] = run_duty_phases(torch, device, source, args.phase_seconds)
+                phase_run["run"] = run_duty_phases(torch, device, source, phase_seconds)
                 if not info.get("energy_counter_supported", True):
                     raise Skip("this GPU has no energy counter: the meter integrates power itself, nothing to compare")
                 outcome = check_counter_vs_instant(phase_run["run"])
@@ -1231,7 +971,7 @@ def gpu_checks(args: argparse.Namespace) -> list[CheckResult]:
                     "nvml_attribution",
                     "gpu",
                     GPU_CHECKS["nvml_attribution"],
-                    lambda: check_attribution(torch, device, source, idle_w, args.attribution_seconds),
+                    lambda: check_attribution(torch, device, source, idle_w, attribution_seconds),
                 )
             )
     finally:
@@ -1240,138 +980,3 @@ def gpu_checks(args: argparse.Namespace) -> list[CheckResult]:
             torch.cuda.empty_cache()
     return results
 
-
-def merge_checks(workdir: Path) -> list[CheckResult]:
-    results: list[CheckResult] = []
-    student: dict[str, tuple[Path, Path]] = {}
-
-    def merge_on(device: str) -> Outcome:
-        if device == "cuda":
-            cuda_device()
-        if "dirs" not in student:
-            say("merge: building a tiny base (Llama, hidden 256, 4 layers) and a LoRA adapter (r=8)")
-            student["dirs"] = build_tiny_student(workdir)
-        base_dir, adapter_dir = student["dirs"]
-        return check_merge(base_dir, adapter_dir, workdir / f"merged-{device}", device)
-
-    for device in ("cpu", "cuda"):
-        results.append(
-            run_check(
-                f"merge_bf16_{device}",
-                device if device == "cpu" else "gpu",
-                f"student merge --dtype bfloat16 --device {device}, with its logit verification",
-                lambda device=device: merge_on(device),
-            )
-        )
-    cpu, cuda = results
-    if cpu.status == "passed" and cuda.status == "passed":
-        cuda.metrics["same_weight_bytes_as_cpu_merge"] = (
-            cpu.metrics["weight_sha256"] == cuda.metrics["weight_sha256"]
-        )
-
-    def train_on_cuda() -> Outcome:
-        cuda_device()
-        if "dirs" not in student:
-            student["dirs"] = build_tiny_student(workdir)
-        return check_train_lora(student["dirs"][0], workdir, "cuda")
-
-    title = "student train-lora on the GPU (bfloat16), validation loss falls, adapter merges and verifies"
-    results.append(run_check("train_lora_cuda", "gpu", title, train_on_cuda))
-    return results
-
-
-def guarded(name: str, checks: Callable[[], list[CheckResult]]) -> list[CheckResult]:
-    """A group of checks; should the group itself break, one `error` entry says how."""
-    try:
-        return checks()
-    except Exception as error:
-        say(f"{name}: broke: {type(error).__name__}: {error}")
-        return [
-            CheckResult(
-                name, "gpu", "the group of checks itself", "error", "–", f"{type(error).__name__}: {error}", 0.0,
-                {"traceback": traceback.format_exc(limit=-3)},
-            )
-        ]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("gpu-check.json"), help="JSON result (default: %(default)s)")
-    parser.add_argument(
-        "--phase-seconds", type=float, default=15.0, help="seconds per duty-cycle phase (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--attribution-seconds",
-        type=float,
-        default=12.0,
-        help="about how long the synthetic requests keep the GPU busy (default: %(default)s)",
-    )
-    parser.add_argument("--skip-merge", action="store_true", help="leave out both merge checks")
-    args = parser.parse_args(argv)
-
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    say("machine: " + ("probing PyTorch and CUDA"))
-    machine = machine_info()
-    say(f"machine: {machine['cpu']} × {machine['cpu_count']}, torch {machine['torch']}, GPU {machine['gpu']}")
-    results = [
-        run_check(
-            "trace_conservation",
-            "cpu",
-            "EnergyMeter arithmetic on replayed traces (TraceSource)",
-            check_trace_conservation,
-        ),
-        run_check(
-            "sampler_cpu_standin",
-            "cpu",
-            f"sampler thread CPU at {SAMPLER_HZ:g} Hz on a stand-in source (≤ {SAMPLER_MAX_CORE_PCT}% of a core)",
-            lambda: sampler_outcome(measure_sampler_cpu(SteadySource(300.0), window_s=2.0, rounds=2)),
-        ),
-    ]
-    results += guarded("gpu_checks", lambda: gpu_checks(args))
-    if not args.skip_merge:
-        with tempfile.TemporaryDirectory(prefix="gpu-check-") as workdir:
-            results += guarded("merge_checks", lambda: merge_checks(Path(workdir)))
-
-    code = exit_code(results)
-    report = {
-        "format": FORMAT,
-        "script": "scripts/gpu_check.py",
-        "started_at": started_at,
-        "elapsed_s": time.monotonic() - _STARTED,
-        "passed": code == 0,
-        "exit_code": code,
-        "counts": {s: sum(1 for r in results if r.status == s) for s in ("passed", "failed", "skipped", "error")},
-        "machine": machine,
-        "gpu": next((r.metrics for r in results if r.name == "gpu_info" and r.metrics), None),
-        "thresholds": {
-            "counter_vs_instant_max_pct": COUNTER_VS_INSTANT_MAX_PCT,
-            "idle_max_deviation_pct": IDLE_MAX_DEVIATION_PCT,
-            "sampler_max_core_pct": SAMPLER_MAX_CORE_PCT,
-            "nvml_read_max_us": NVML_READ_MAX_US,
-            "conservation_rel": CONSERVATION_REL,
-        },
-        "settings": {
-            "phase_seconds": args.phase_seconds,
-            "attribution_seconds": args.attribution_seconds,
-            "duty_cycles": DUTY_CYCLES,
-            "duty_period_s": DUTY_PERIOD_S,
-            "settle_s": SETTLE_S,
-            "idle_window_s": IDLE_WINDOW_S,
-            "sampler_hz": SAMPLER_HZ,
-            "collector_hz": COLLECTOR_HZ,
-        },
-        "checks": [asdict(r) for r in results],
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    counts = report["counts"]
-    print(format_table(results))
-    print(
-        f"\n{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped, {counts['error']} error "
-        f"in {report['elapsed_s']:.0f} s; JSON: {args.out}; exit {code}"
-    )
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,27 +1,40 @@
-"""`scripts/gpu_check.py` on this machine: the CPU-side checks pass, the GPU ones say why they skip.
+"""`student gpu-check` on this machine: the CPU-side checks pass, the GPU ones say why they skip.
 
-The GPU side itself runs only on a GPU machine (the script is that run). Here its moving parts
-(duty-cycle load, collector, phase comparison, idle check, concurrent requests) run on the CPU
-against a steady stand-in source, so a broken loop or a wrong sum shows before device time is spent.
+The GPU side itself runs only on a GPU machine (`python scripts/gpu_check.py` there is that run).
+Here its moving parts (duty-cycle load, collector, phase comparison, idle check, concurrent
+requests) run on the CPU against a steady stand-in source, so a broken loop or a wrong sum shows
+before device time is spent. The device machine has no vLLM, FastAPI or uvicorn: the run here
+happens with those made unimportable.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 
-from server.telemetry.power_sources import NvmlSource, Reading
+from server.gpu_check import model_checks, runner
+from server.gpu_check.meter_checks import (
+    PhaseRun,
+    RequestWork,
+    check_attribution,
+    check_counter_vs_instant,
+    check_idle_baseline,
+    compare_counter_and_instant,
+    run_duty_phases,
+)
+from server.gpu_check.results import CheckResult
+from server.telemetry.power_sources import NvmlSource, Reading, SteadySource
+from tests.support import STUDENT
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "scripts" / "gpu_check.py"
 CPU_CHECKS = ("trace_conservation", "sampler_cpu_standin", "merge_bf16_cpu")
 NVML_CHECKS = (
@@ -32,6 +45,9 @@ NVML_CHECKS = (
     "nvml_sampler_cpu",
     "nvml_attribution",
 )
+ABSENT_ON_THE_DEVICE = ("fastapi", "uvicorn", "vllm")
+# Python source that makes `modules` unimportable (as on the device machine), to put before a run.
+POISON = "import sys\nfor name in {modules!r}:\n    sys.modules[name] = None\n"
 
 
 def _nvml_reason() -> str | None:
@@ -46,27 +62,15 @@ def _nvml_reason() -> str | None:
 NVML_REASON = _nvml_reason()
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def gpu_check() -> ModuleType:
-    return load_script()
-
-
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """`student gpu-check --out ...` (the `student` program's `main`), vLLM, FastAPI and uvicorn unimportable."""
     if NVML_REASON is None:
-        pytest.skip("NVML works here: run scripts/gpu_check.py itself (minutes), not this CPU-side test")
+        pytest.skip("NVML works here: run `student gpu-check` itself (minutes), not this CPU-side test")
     out = tmp_path_factory.mktemp("gpu-check") / "nested" / "gpu-check.json"
+    student = POISON.format(modules=ABSENT_ON_THE_DEVICE) + "from server.runtime.cli import main\nsys.exit(main())\n"
     completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(out)],
+        [sys.executable, "-c", student, "gpu-check", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -95,7 +99,8 @@ def test_cpu_run_json_structure(cpu_run: tuple[subprocess.CompletedProcess[str],
     assert {"cpu", "cpu_count", "torch", "cuda_available", "nvidia-ml-py"} <= set(report["machine"])
     assert report["thresholds"]["counter_vs_instant_max_pct"] == 2.0
     names = [check["name"] for check in report["checks"]]
-    assert names == ["trace_conservation", "sampler_cpu_standin", *NVML_CHECKS, "merge_bf16_cpu", "merge_bf16_cuda", "train_lora_cuda"]
+    model_names = ["merge_bf16_cpu", "merge_bf16_cuda", "train_lora_cuda"]
+    assert names == ["trace_conservation", "sampler_cpu_standin", *NVML_CHECKS, *model_names]
     for check in report["checks"]:
         assert set(check) == {"name", "part", "title", "status", "summary", "reason", "elapsed_s", "metrics"}
 
@@ -137,6 +142,48 @@ def test_cpu_parts_pass_with_their_numbers(cpu_run: tuple[subprocess.CompletedPr
     assert verification["adapter_effect_max_abs_diff"] > verification["tolerance"]
 
 
+# --- the command: imports, entry points ----------------------------------------------------
+
+
+def test_the_command_loads_without_vllm_fastapi_uvicorn_or_torch() -> None:
+    """What `student gpu-check --help` imports: none of the device machine's absent packages, no torch."""
+    heavy = ("torch", "pynvml", "transformers", "peft")
+    code = POISON.format(modules=ABSENT_ON_THE_DEVICE) + (
+        "import json\n"
+        "from server.gpu_check import meter_checks, model_checks, results, runner\n"
+        "from server.runtime.cli import build_parser\n"
+        "build_parser('gpu-check').parse_args(['gpu-check', '--skip-merge'])\n"
+        f"print(json.dumps(sorted(name for name in {heavy!r} if name in sys.modules)))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout) == []
+
+
+@pytest.mark.parametrize("arguments", [["--help"], ["--phase-seconds", "soon"]], ids=["help", "bad-argument"])
+def test_student_and_the_script_are_one_command(arguments: list[str], tmp_path: Path) -> None:
+    """`python scripts/gpu_check.py` from anywhere answers as `student gpu-check` does: output and exit code."""
+    env = {**os.environ, "COLUMNS": "100"}
+    runs = [
+        subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        for command in ([STUDENT, "gpu-check", *arguments], [sys.executable, str(SCRIPT), *arguments])
+    ]
+    student, script = ((run.returncode, run.stdout, run.stderr) for run in runs)
+    assert student == script
+    code, stdout, stderr = student
+    if arguments == ["--help"]:
+        assert code == 0 and stdout.startswith("usage: student gpu-check")
+        assert "--phase-seconds" in stdout and "--skip-merge" in stdout
+    else:
+        assert code == 2 and "argument --phase-seconds: invalid float value: 'soon'" in stderr
+
+
+def test_student_lists_the_command() -> None:
+    completed = subprocess.run([STUDENT, "--help"], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert "gpu-check" in completed.stdout
+
+
 # --- the GPU side's parts, on the CPU with a stand-in source -------------------------------
 
 
@@ -152,16 +199,16 @@ def square_wave_readings(counter_scale: float = 1.0, hz: int = 40, seconds: floa
     return readings
 
 
-def phase_run(gpu_check: ModuleType, scales: dict[str, float]) -> Any:
+def phase_run(scales: dict[str, float]) -> Any:
     phases = {}
     for name, scale in scales.items():
-        compared = gpu_check.compare_counter_and_instant(square_wave_readings(scale))
+        compared = compare_counter_and_instant(square_wave_readings(scale))
         phases[name] = {"duty": 0.0, "achieved_duty": 0.0, **compared}
-    return gpu_check.PhaseRun(phases, None, 0.0, None, None, {}, 5.0)
+    return PhaseRun(phases, None, 0.0, None, None, {}, 5.0)
 
 
-def test_counter_and_instant_agree_on_an_exact_trace(gpu_check: ModuleType) -> None:
-    result = gpu_check.compare_counter_and_instant(square_wave_readings())
+def test_counter_and_instant_agree_on_an_exact_trace() -> None:
+    result = compare_counter_and_instant(square_wave_readings())
     assert result["diff_pct"] == pytest.approx(0.0, abs=1e-9)
     assert result["counter_mean_w"] == pytest.approx(250.0, rel=0.01)
     assert result["sample_hz"] == pytest.approx(40.0)
@@ -171,17 +218,17 @@ def test_counter_and_instant_agree_on_an_exact_trace(gpu_check: ModuleType) -> N
     assert result["counter_resets"] == 0
 
 
-def test_a_counter_3_percent_high_fails_the_2_percent_check(gpu_check: ModuleType) -> None:
-    passing = gpu_check.check_counter_vs_instant(phase_run(gpu_check, {"0%": 1.0, "100%": 1.015}))
+def test_a_counter_3_percent_high_fails_the_2_percent_check() -> None:
+    passing = check_counter_vs_instant(phase_run({"0%": 1.0, "100%": 1.015}))
     assert passing.failures == []
-    failing = gpu_check.check_counter_vs_instant(phase_run(gpu_check, {"0%": 1.0, "100%": 1.03}))
+    failing = check_counter_vs_instant(phase_run({"0%": 1.0, "100%": 1.03}))
     assert len(failing.failures) == 1
     assert failing.failures[0].startswith("100%: instant power integrates to -2.91% of the counter")
 
 
-def test_duty_phases_collector_and_idle_meter_run_on_the_cpu(gpu_check: ModuleType) -> None:
-    run = gpu_check.run_duty_phases(
-        torch, torch.device("cpu"), gpu_check.SteadySource(300.0), 0.6, matrix=64, settle_s=0.2, idle_window_s=0.5
+def test_duty_phases_collector_and_idle_meter_run_on_the_cpu() -> None:
+    run = run_duty_phases(
+        torch, torch.device("cpu"), SteadySource(300.0), 0.6, matrix=64, settle_s=0.2, idle_window_s=0.5
     )
     assert list(run.phases) == ["0%", "25%", "50%", "100%"]
     for phase in run.phases.values():
@@ -190,9 +237,9 @@ def test_duty_phases_collector_and_idle_meter_run_on_the_cpu(gpu_check: ModuleTy
         assert phase["sample_hz"] > 20
     assert run.phases["0%"]["achieved_duty"] == 0.0
     assert run.phases["100%"]["achieved_duty"] > 0.5
-    assert gpu_check.check_counter_vs_instant(run).failures == []
+    assert check_counter_vs_instant(run).failures == []
 
-    idle = gpu_check.check_idle_baseline(run)
+    idle = check_idle_baseline(run)
     assert idle.metrics["idle_w"] == pytest.approx(300.0)
     assert idle.metrics["deviation_pct"] == pytest.approx(0.0, abs=1e-6)
     # A steady source has no load above idle, and the check says so.
@@ -214,17 +261,17 @@ class SleepWork:
         time.sleep(self.token_s)
 
 
-def test_request_work_runs_tokens_on_the_cpu(gpu_check: ModuleType) -> None:
-    work = gpu_check.RequestWork(torch, torch.device("cpu"), size=32)
+def test_request_work_runs_tokens_on_the_cpu() -> None:
+    work = RequestWork(torch, torch.device("cpu"), size=32)
     assert work.matmuls_per_token >= 1 and work.token_s > 0
     assert work.new_stream() is None
     work.token(None)
     assert "× 32² bf16 matmuls" in work.describe()
 
 
-def test_concurrent_requests_conserve_energy_and_more_tokens_get_more(gpu_check: ModuleType) -> None:
-    outcome = gpu_check.check_attribution(
-        torch, torch.device("cpu"), gpu_check.SteadySource(300.0), 100.0, 1.0, work=SleepWork()
+def test_concurrent_requests_conserve_energy_and_more_tokens_get_more() -> None:
+    outcome = check_attribution(
+        torch, torch.device("cpu"), SteadySource(300.0), 100.0, 1.0, work=SleepWork()
     )
     assert outcome.failures == []
     assert outcome.metrics["conservation_rel_error"] <= 1e-9
@@ -234,22 +281,22 @@ def test_concurrent_requests_conserve_energy_and_more_tokens_get_more(gpu_check:
     assert requests["large"]["energy_j"] > requests["medium"]["energy_j"] > requests["small"]["energy_j"] > 0
 
 
-def test_exit_code_and_table(gpu_check: ModuleType) -> None:
-    Result = gpu_check.CheckResult
+def test_exit_code_and_table() -> None:
+    Result = CheckResult
     skipped = Result("a", "gpu", "t", "skipped", "–", "NVML unavailable: x", 0.0, {})
     passed = Result("b", "cpu", "t", "passed", "fine", None, 1.0, {})
     failed = Result("c", "gpu", "t", "failed", "off", "100%: +3.00%", 2.0, {})
-    assert gpu_check.exit_code([skipped, passed]) == 0
-    assert gpu_check.exit_code([skipped, passed, failed]) == 1
-    table = gpu_check.format_table([skipped, passed, failed])
+    assert runner.exit_code([skipped, passed]) == 0
+    assert runner.exit_code([skipped, passed, failed]) == 1
+    table = runner.format_table([skipped, passed, failed])
     assert "  a (skipped): NVML unavailable: x" in table
     assert "  c (failed): 100%: +3.00%" in table
 
 
-def test_train_lora_check_runs_on_the_cpu(gpu_check: ModuleType, tmp_path: Path) -> None:
+def test_train_lora_check_runs_on_the_cpu(tmp_path: Path) -> None:
     """The GPU machine's train-lora check, run here on the CPU: it trains, the loss falls, it merges."""
-    base_dir, _ = gpu_check.build_tiny_student(tmp_path)
-    outcome = gpu_check.check_train_lora(base_dir, tmp_path, "cpu")
+    base_dir, _ = model_checks.build_tiny_student(tmp_path)
+    outcome = model_checks.check_train_lora(base_dir, tmp_path, "cpu")
     assert outcome.failures == [], outcome.failures
     assert outcome.metrics["training"]["device"] == "cpu"
     assert outcome.metrics["merge_verification"]["passed"]

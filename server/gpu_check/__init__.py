@@ -1,0 +1,1 @@
+"""`student gpu-check`: the energy meter and the model commands checked on a real NVIDIA GPU (see `runner`)."""
