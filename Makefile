@@ -8,7 +8,7 @@ VENV ?= .venv
 PROFILE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(PROFILE)
 
-.PHONY: setup browser serve test
+.PHONY: setup browser monitoring-tools serve test
 setup: $(STAMP)
 
 $(STAMP): requirements/cpu.lock requirements/gpu.txt requirements/gpu-nodeps.txt pyproject.toml scripts/install.sh
@@ -22,5 +22,9 @@ serve: setup
 browser:
 	scripts/install-browser.sh
 
-test: setup browser
+# Only tests/deploy needs Prometheus and promtool; does nothing when both are installed.
+monitoring-tools:
+	scripts/install-prometheus.sh
+
+test: setup browser monitoring-tools
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -6,6 +6,8 @@ queue, and every client's latency, would grow without bound. The gateway admits 
 a full queue behind it), lets at most `max_queue` more wait for a slot (three batches), and answers
 the rest at once with 429 and `Retry-After`, which the official OpenAI clients honour. So
 admitted requests keep their latency and the gateway holds at most five batches' worth.
+
+Refusals are counted by reason (`REFUSAL_REASONS`), for `/metrics`; `/stats` shows their sum.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.gateway.errors import error_response
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+QUEUE_FULL = "queue_full"  # 429: every slot taken and the line full
+UPSTREAM_NOT_READY = "upstream_not_ready"  # 503: the same, while the model server is not ready
+REFUSAL_REASONS = (QUEUE_FULL, UPSTREAM_NOT_READY)
 
 
 class Slots:
@@ -35,7 +40,12 @@ class Slots:
         self.semaphore = asyncio.Semaphore(max_in_flight)
         self.in_flight = 0
         self.waiting = 0
-        self.rejected = 0
+        self.refusals = dict.fromkeys(REFUSAL_REASONS, 0)
+
+    @property
+    def rejected(self) -> int:
+        """Refusals since start, whatever the reason."""
+        return sum(self.refusals.values())
 
     @property
     def full(self) -> bool:
@@ -84,8 +94,9 @@ class AdmissionMiddleware:
             return
         slots = self._slots
         if slots.full:
-            slots.rejected += 1
-            await self._refuse()(scope, receive, send)
+            reason = QUEUE_FULL if self._upstream_ready() else UPSTREAM_NOT_READY
+            slots.refusals[reason] += 1
+            await self._refusal(reason)(scope, receive, send)
             return
         slots.waiting += 1
         try:
@@ -99,9 +110,9 @@ class AdmissionMiddleware:
             slots.in_flight -= 1
             slots.semaphore.release()
 
-    def _refuse(self):  # noqa: ANN202  an ASGI response
+    def _refusal(self, reason: str):  # an ASGI response
         headers = {"Retry-After": str(self._retry_after_s)}
-        if not self._upstream_ready():
+        if reason == UPSTREAM_NOT_READY:
             return error_response(503, "the model server is not ready; retry shortly", headers=headers)
         slots = self._slots
         return error_response(

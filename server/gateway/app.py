@@ -72,6 +72,7 @@ def create_app(
             async with _telemetry(settings, power_source, token_limiter) as recorder:
                 app.state.recorder = recorder
                 recorder.metrics.add_replicas(balancer.status)
+                recorder.metrics.add_admission(app.state.slots)
                 app.state.proxy = UpstreamProxy(session, balancer, settings.ready_timeout_s, recorder, timeouts)
                 app.state.remote_proxy = _remote_proxy(settings, session, recorder, timeouts)
                 yield
@@ -174,6 +175,8 @@ async def _telemetry(
         else:
             logger.warning("energy: not measured: %s", source.reason)
         recorder = RequestRecorder(settings, meter, ledger, token_limiter.charge if token_limiter else None)
+        recorder.metrics.add_power_limit(meter.power_limit_w)
+        recorder.metrics.add_api_prices(settings.api_prices)
         history = asyncio.create_task(recorder.keep_energy_history(), name="energy-history")
         try:
             yield recorder

@@ -9,6 +9,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from server.accounting.tariff import ApiPrice
+from server.control.admission import Slots
 from server.telemetry.energy_attribution import EnergyMeter, EnergySnapshot
 from server.telemetry.metrics import GatewayMetrics, LiveFigures
 from server.telemetry.power_sources import UnavailableSource
@@ -77,6 +79,7 @@ def record(
     prompt: int | None = 10,
     completion: int | None = 11,
     energy_j: float | None = None,
+    key_name: str | None = None,
 ) -> RequestRecord:
     """A finished request: started at 100 s, first token `ttft_s` later, done `e2e_s` after the start."""
     return RequestRecord(
@@ -90,6 +93,7 @@ def record(
         prompt_tokens=prompt,
         completion_tokens=completion,
         energy_j=energy_j,
+        key_name=key_name,
     )
 
 
@@ -244,11 +248,11 @@ def test_each_replica_has_a_health_and_an_outstanding_gauge_read_at_scrape_time(
     samples = scrape(metrics)
     assert value(samples, "student_upstream_healthy", upstream="http://gpu1:8001") == 1
     assert value(samples, "student_upstream_healthy", upstream="http://gpu2:8001") == 0
-    assert value(samples, "student_upstream_outstanding", upstream="http://gpu1:8001") == 3
+    assert value(samples, "student_upstream_outstanding_requests", upstream="http://gpu1:8001") == 3
     status[1] = {**status[1], "healthy": True, "outstanding": 1}
     samples = scrape(metrics)
     assert value(samples, "student_upstream_healthy", upstream="http://gpu2:8001") == 1
-    assert value(samples, "student_upstream_outstanding", upstream="http://gpu2:8001") == 1
+    assert value(samples, "student_upstream_outstanding_requests", upstream="http://gpu2:8001") == 1
 
 
 def test_requests_are_labelled_by_replica_and_the_gateways_own_refusals(metrics: GatewayMetrics) -> None:
@@ -279,3 +283,63 @@ def test_routes_are_counted_with_their_reason_tokens_and_cost(metrics: GatewayMe
     assert value(samples, "student_routed_tokens_total", routed_to="remote", kind="completion") == 1000
     assert value(samples, "student_route_cost_usd_total", routed_to="remote") == pytest.approx(0.012)
     assert value(samples, "student_route_cost_usd_total", routed_to="local") == pytest.approx(0.0001)
+
+
+# --- admission control, power cap, keys, API equivalent ------------------------------------------
+
+
+def test_admission_line_and_refusals_by_reason_are_read_at_scrape_time(metrics: GatewayMetrics) -> None:
+    slots = Slots(max_in_flight=2, max_queue=3)
+    metrics.add_admission(slots)
+    samples = scrape(metrics)
+    assert value(samples, "student_admission_max_in_flight_requests") == 2
+    assert value(samples, "student_admission_max_queue_requests") == 3
+    assert value(samples, "student_admission_answering_requests") == 0
+    assert value(samples, "student_admission_waiting_requests") == 0
+    # Both reasons exist from the start, so rate() over them is 0 rather than absent.
+    assert value(samples, "student_admission_rejected_requests_total", reason="queue_full") == 0
+    assert value(samples, "student_admission_rejected_requests_total", reason="upstream_not_ready") == 0
+
+    slots.in_flight, slots.waiting = 2, 3
+    slots.refusals["queue_full"] += 4
+    slots.refusals["upstream_not_ready"] += 1
+    samples = scrape(metrics)
+    assert value(samples, "student_admission_answering_requests") == 2
+    assert value(samples, "student_admission_waiting_requests") == 3
+    assert value(samples, "student_admission_rejected_requests_total", reason="queue_full") == 4
+    assert value(samples, "student_admission_rejected_requests_total", reason="upstream_not_ready") == 1
+    assert slots.status()["rejected"] == 5  # /stats keeps the sum
+
+
+def test_power_limit_is_exported_only_when_readable(metrics: GatewayMetrics) -> None:
+    limit: list[float | None] = [None]
+    metrics.add_power_limit(lambda: limit[0])
+    assert "student_power_limit_watts" not in names(scrape(metrics))
+    limit[0] = 450.0
+    assert value(scrape(metrics), "student_power_limit_watts") == 450.0
+
+
+def test_requests_and_tokens_are_counted_by_key_name(metrics: GatewayMetrics) -> None:
+    metrics.observe(record(200, prompt=10, completion=11, key_name="shop"))
+    metrics.observe(record(500, prompt=3, completion=0, key_name="shop"))
+    metrics.observe(record(200, prompt=1, completion=2))  # no keys configured
+    samples = scrape(metrics)
+    assert value(samples, "student_key_requests_total", key="shop") == 2
+    assert value(samples, "student_key_requests_total", key="anonymous") == 1
+    assert value(samples, "student_key_tokens_total", key="shop", kind="prompt") == 13
+    assert value(samples, "student_key_tokens_total", key="shop", kind="completion") == 11
+    assert value(samples, "student_key_tokens_total", key="anonymous", kind="completion") == 2
+
+
+def test_api_equivalent_cost_is_counted_per_priced_model(metrics: GatewayMetrics) -> None:
+    assert "student_api_equivalent_cost_usd_total" not in names(scrape(metrics))  # no prices: no series
+    metrics.add_api_prices({
+        "cheap": ApiPrice(input_usd_per_mtok=1.0, output_usd_per_mtok=2.0),
+        "dear": ApiPrice(input_usd_per_mtok=10.0, output_usd_per_mtok=10.0),
+    })  # fmt: skip
+    assert value(scrape(metrics), "student_api_equivalent_cost_usd_total", model="cheap") == 0
+    metrics.observe(record(200, prompt=1000, completion=500))
+    metrics.observe(record(200, prompt=None, completion=None))
+    samples = scrape(metrics)
+    assert value(samples, "student_api_equivalent_cost_usd_total", model="cheap") == pytest.approx(0.002)
+    assert value(samples, "student_api_equivalent_cost_usd_total", model="dear") == pytest.approx(0.015)
