@@ -102,7 +102,7 @@ from models.distill.teacher import (
     TeacherUnavailable,
 )
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 DEFAULT_TOPICS_FILE = DATA_DIR / "distill_topics.txt"
 DEFAULT_DOCUMENTS_DIR = DATA_DIR / "shop_docs"
 DEFAULT_KEY_ENV = "STUDENT_TEACHER_API_KEY"
