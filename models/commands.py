@@ -10,4 +10,5 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dataset": ("models.dataset_check", "check a chat JSONL dataset for training and split it: student dataset check"),
     "train-lora": ("models.train_lora", "LoRA fine-tune a base model on chat JSONL (loss on assistant turns)"),
     "merge": ("models.merge", "merge a LoRA adapter into its base model and verify the result"),
+    "eval": ("models.evaluation.command", "is the student good enough, at what price: held-out eval set, judge, cost"),
 }
