@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aiohttp
@@ -26,7 +26,8 @@ from server.gateway.client_socket import GatewayApp
 from server.telemetry.energy_attribution import EnergyMeter
 from server.gateway.errors import install_error_handlers
 from server.accounting.ledger import Ledger
-from server.telemetry.power_sources import NvmlSource, PowerLimitError, PowerSource, cuda_visible_devices, detect_power_source
+from server.telemetry.power_limits import apply_power_limit
+from server.telemetry.power_sources import PowerSource, cuda_visible_devices, detect_power_source
 from server.gateway.proxy import StreamTimeouts, UpstreamProxy, UpstreamTarget, create_upstream_session
 from server.telemetry.recorder import RequestRecorder
 from server.gateway.endpoints import router
@@ -168,7 +169,7 @@ async def _telemetry(
         source, idle_w=settings.idle_w, idle_window_s=settings.idle_window_s, sample_hz=settings.energy_sample_hz
     )
     ledger = Ledger(settings.ledger_path)
-    restore_limits = _apply_power_limit(settings.power_limit_w, source)
+    restore_limits = apply_power_limit(settings.power_limit_w, source)
     try:
         if meter.start():
             logger.info("energy: measuring with %s", source.name)
@@ -187,26 +188,8 @@ async def _telemetry(
             meter.stop()
             recorder.write_energy_row()
     finally:
-        ledger.close()
-        restore_limits()
-        source.close()
-
-
-def _apply_power_limit(watts: float | None, source: PowerSource) -> Callable[[], None]:
-    """Cap the GPUs at `watts` (if asked); returns how to put the previous limits back.
-
-    A limit that cannot be applied is a loud warning, not a failed start: the gateway still
-    serves and measures, and /stats shows the limit actually enforced.
-    """
-    if watts is None:
-        return lambda: None
-    if not isinstance(source, NvmlSource):
-        logger.warning("power limit %.0f W not applied: it needs NVML (%s)", watts, source.reason)
-        return lambda: None
-    try:
-        previous_w = source.set_power_limit(watts)
-    except PowerLimitError as error:
-        logger.warning("power limit %.0f W not applied: %s", watts, error)
-        return lambda: None
-    logger.info("power limit %.0f W per GPU applied (was %s W)", watts, previous_w)
-    return lambda: source.restore_power_limits(previous_w)
+        try:
+            ledger.close()
+            restore_limits()
+        finally:
+            source.close()

@@ -1,5 +1,7 @@
 """Device access for the energy meter: read a power source, nothing else.
 
+(Setting a GPU's power limit is control, not reading: `server.telemetry.power_limits`.)
+
 One small interface (`PowerSource`) and its implementations: NVIDIA GPUs through NVML, CPU
 packages through Linux RAPL (powercap), a replayed trace, and a null object for machines with
 neither. Measurement windows and attribution live in `server.telemetry.energy_attribution`, which only calls `read()`.
@@ -21,7 +23,6 @@ from typing import Any, Literal, Protocol
 
 __all__ = [
     "NvmlSource",
-    "PowerLimitError",
     "PowerSource",
     "RaplSource",
     "Reading",
@@ -295,46 +296,15 @@ class NvmlSource:
         except self._nvml.NVMLError:
             return None
 
-    def set_power_limit(self, watts_per_gpu: float) -> list[float]:
-        """Cap every chosen GPU at `watts_per_gpu`; returns the previous limits (W) to restore.
+    @property
+    def nvml_module(self) -> Any:
+        """The `pynvml` module this source reads through (for `power_limits`, which also writes)."""
+        return self._nvml
 
-        Needs root (NVML's own rule) and a value inside the board's constraints; raises
-        `PowerLimitError` with the reason otherwise, leaving every GPU as it was.
-        """
-        if self._status != "ok":
-            raise PowerLimitError(f"a power limit needs NVML: {self._reason}")
-        pynvml = self._nvml
-        try:
-            previous_mw = [pynvml.nvmlDeviceGetPowerManagementLimit(h) for h in self._handles]
-            for handle in self._handles:
-                low_mw, high_mw = pynvml.nvmlDeviceGetPowerManagementLimitConstraints(handle)
-                if not low_mw <= watts_per_gpu * _MW_PER_W <= high_mw:
-                    raise PowerLimitError(
-                        f"{watts_per_gpu:.0f} W is outside this GPU's range "
-                        f"{low_mw / _MW_PER_W:.0f}–{high_mw / _MW_PER_W:.0f} W"
-                    )
-        except pynvml.NVMLError as error:
-            raise PowerLimitError(f"cannot read the power limits: {error}") from None
-        self._set_limits_mw([int(watts_per_gpu * _MW_PER_W)] * len(self._handles), previous_mw)
-        return [mw / _MW_PER_W for mw in previous_mw]
-
-    def restore_power_limits(self, limits_w: Sequence[float]) -> None:
-        """Put back the limits `set_power_limit` returned."""
-        self._set_limits_mw([int(w * _MW_PER_W) for w in limits_w], None)
-
-    def _set_limits_mw(self, limits_mw: Sequence[int], undo_mw: Sequence[int] | None) -> None:
-        pynvml = self._nvml
-        done: list[Any] = []
-        try:
-            for handle, limit_mw in zip(self._handles, limits_mw, strict=True):
-                pynvml.nvmlDeviceSetPowerManagementLimit(handle, limit_mw)
-                done.append(handle)
-        except pynvml.NVMLError as error:
-            if undo_mw is not None:
-                for handle, limit_mw in zip(done, undo_mw, strict=False):
-                    pynvml.nvmlDeviceSetPowerManagementLimit(handle, limit_mw)
-            why = "run as root" if isinstance(error, pynvml.NVMLError_NoPermission) else str(error)
-            raise PowerLimitError(f"cannot set the power limit: {why}") from None
+    @property
+    def nvml_handles(self) -> tuple[Any, ...]:
+        """The NVML handles of the chosen GPUs; empty unless the source is ok."""
+        return tuple(self._handles) if self._status == "ok" else ()
 
     def _fail(self, reason: str) -> None:
         self._reason = reason
@@ -371,10 +341,6 @@ class NvmlSource:
         if field.nvmlReturn != pynvml.NVML_SUCCESS:
             return None
         return float(_field_value(field))
-
-
-class PowerLimitError(Exception):
-    """A GPU power limit could not be applied; the message says why in plain words."""
 
 
 # --- RAPL ---------------------------------------------------------------------------------

@@ -54,7 +54,6 @@ def powercap(tmp_path: Path) -> Path:
 def test_public_surface_is_exactly_all() -> None:
     assert set(server.telemetry.power_sources.__all__) == {
         "NvmlSource",
-        "PowerLimitError",
         "PowerSource",
         "RaplSource",
         "Reading",
