@@ -51,7 +51,6 @@ from benchmarks.telemetry import (
     environment,
     fmt,
     one_request,
-    percentile,
     prompts,
     request_body,
     rotated,
@@ -59,6 +58,7 @@ from benchmarks.telemetry import (
     start_stack,
     table,
 )
+from server.telemetry.percentiles import percentile
 
 CONCURRENCIES = (1, 8)
 ROUNDS = 4

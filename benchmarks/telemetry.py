@@ -65,6 +65,7 @@ import psutil
 
 from server.runtime.ports import free_port
 from server.telemetry.energy_attribution import EnergyMeter
+from server.telemetry.percentiles import percentile
 from server.telemetry.power_sources import SteadySource
 from server.telemetry.thread_cpu import ThreadCpuProbe
 
@@ -108,17 +109,6 @@ def fmt(value: float | None, digits: int = 1, sign: bool = False) -> str:
 
 
 # --- statistics (pure) ----------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default), None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def median_ci(values: Sequence[float], z: float = 1.96) -> tuple[float | None, float | None, float | None]:

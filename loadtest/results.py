@@ -15,6 +15,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from server.telemetry.percentiles import percentile
+from server.telemetry.percentiles import percentiles as shared_percentiles
+
 PERCENTILES = (50, 90, 95, 99)
 LATE_THRESHOLD_S = 0.1  # an arrival sent later than this behind schedule is "late"
 LATE_FRACTION_LIMIT = 0.05  # more late arrivals than this: the generator is lagging
@@ -69,13 +72,8 @@ class RunResult:
 
 
 def percentiles(values: Iterable[float | None]) -> dict[str, float | int | None]:
-    """count, mean and p50/p90/p95/p99 of the known values (None when there are none)."""
-    known = np.array([v for v in values if v is not None], dtype=float)
-    summary: dict[str, float | int | None] = {"count": int(known.size)}
-    summary["mean"] = round(float(known.mean()), 3) if known.size else None
-    for p in PERCENTILES:
-        summary[f"p{p}"] = round(float(np.percentile(known, p)), 3) if known.size else None
-    return summary
+    """count, mean and p50/p90/p95/p99 of the known values, in ms to 3 decimals (None when none)."""
+    return shared_percentiles(values, PERCENTILES, mean=True, digits=3)
 
 
 def latency_summary(samples: list[Sample]) -> dict[str, dict[str, float | int | None]]:
@@ -136,7 +134,7 @@ def lateness(samples: list[Sample], threshold_s: float = LATE_THRESHOLD_S, limit
     return {
         "late_threshold_ms": threshold_s * 1000,
         "late_fraction": round(late_fraction, 4),
-        "late_p95_ms": round(float(np.percentile(late, 95)) * 1000, 1) if late.size else None,
+        "late_p95_ms": None if not late.size else round(float(percentile(late.tolist(), 95) or 0.0) * 1000, 1),
         "late_max_ms": round(float(late.max()) * 1000, 1) if late.size else None,
         "lagging": late_fraction > limit,
     }
@@ -158,8 +156,8 @@ def time_buckets(samples: list[Sample], span_s: float, bucket_s: float) -> list[
         row: dict[str, Any] = {"t": round((k + 0.5) * bucket_s, 3), "sent_rps": len(members) / bucket_s,
                                "errors": len(members) - len(ok), "completion_tokens_per_s": ends[k] / bucket_s}
         for name in ("ttft_ms", "tpot_ms", "e2e_ms"):
-            values = [getattr(s, name) for s in ok if getattr(s, name) is not None]
-            row[f"{name}_p50"] = float(np.percentile(values, 50)) if values else None
-            row[f"{name}_p95"] = float(np.percentile(values, 95)) if values else None
+            values = [getattr(s, name) for s in ok]
+            row[f"{name}_p50"] = percentile(values, 50)
+            row[f"{name}_p95"] = percentile(values, 95)
         rows.append(row)
     return rows

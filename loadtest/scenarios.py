@@ -30,8 +30,9 @@ from loadtest.results import (
     request_counts,
 )
 from loadtest.slo import Slo
+from server.accounting.energy_units import kwh
+from server.accounting.tariff import Tariff
 
-JOULES_PER_KWH = 3.6e6
 DAYS_PER_MONTH = 30
 STEP_MIN_SENT_SHARE = 0.95  # a capacity step whose generator sent less than this on time does not count
 
@@ -108,8 +109,13 @@ def project_day(gateway: dict[str, Any], requests_per_day: int) -> dict[str, Any
     per_request_j = max((energy.get("active_j") or 0.0) - (energy.get("unattributed_j") or 0.0), 0.0) / served
     idle_day_j = energy["idle_w"] * SECONDS_PER_DAY
     active_day_j = per_request_j * requests_per_day
-    kwh = (idle_day_j + active_day_j) * factor / JOULES_PER_KWH
-    price, usd_rate = cost.get("price_per_kwh") or 0.0, cost.get("usd_rate") or 1.0
+    tariff = Tariff(
+        price_per_kwh=cost.get("price_per_kwh") or 0.0,
+        currency=cost.get("currency") or "VND",
+        usd_rate=cost.get("usd_rate") or 1.0,
+        wall_power_factor=factor,
+    )
+    day_cost = tariff.energy_cost(idle_day_j + active_day_j) or 0.0
     energy_block = {
         "status": "ok",
         "source": energy.get("source"),
@@ -118,14 +124,15 @@ def project_day(gateway: dict[str, Any], requests_per_day: int) -> dict[str, Any
                      "unattributed_j": energy.get("unattributed_j"), "idle_w": energy["idle_w"],
                      "energy_per_request_j": round(per_request_j, 3)},
         "wall_power_factor": factor,
-        "projected_day": {"idle_kwh": round(idle_day_j * factor / JOULES_PER_KWH, 4),
-                          "active_kwh": round(active_day_j * factor / JOULES_PER_KWH, 4), "kwh": round(kwh, 4)},
+        "projected_day": {"idle_kwh": round(kwh(idle_day_j * factor), 4),
+                          "active_kwh": round(kwh(active_day_j * factor), 4),
+                          "kwh": round(kwh((idle_day_j + active_day_j) * factor), 4)},
         "note": "per-request energy measured in the compressed run (busier than a real day, so batching may make it lower)",
     }
-    cost_block.update({"electricity_per_day": round(kwh * price, 2),
-                       "electricity_per_day_usd": round(kwh * price / usd_rate, 4),
-                       "electricity_per_month": round(kwh * price * DAYS_PER_MONTH, 2),
-                       "electricity_per_month_usd": round(kwh * price * DAYS_PER_MONTH / usd_rate, 2)})
+    cost_block.update({"electricity_per_day": round(day_cost, 2),
+                       "electricity_per_day_usd": round(tariff.to_usd(day_cost) or 0.0, 4),
+                       "electricity_per_month": round(day_cost * DAYS_PER_MONTH, 2),
+                       "electricity_per_month_usd": round(tariff.to_usd(day_cost * DAYS_PER_MONTH) or 0.0, 2)})
     return {"energy": energy_block, "cost": cost_block}
 
 

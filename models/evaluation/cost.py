@@ -39,7 +39,8 @@ import aiohttp
 
 from models.distill.teacher import error_text
 from models.evaluation.errors import EvalError
-from server.accounting.tariff import JOULES_PER_KWH, TOKENS_PER_MTOK, ApiPrice, default_api_prices
+from server.accounting.energy_units import kwh
+from server.accounting.tariff import TOKENS_PER_MTOK, ApiPrice, default_api_prices
 
 PER_ANSWERS = 1000
 NOT_A_GATEWAY = "not a student-serve gateway"
@@ -189,7 +190,7 @@ def gateway_energy(before: dict[str, Any], after: dict[str, Any], sent_requests:
         electricity_usd=electricity_usd,
         remote_usd=remote_usd,
         j_per_1000_answers=attributed_j * per_answer,
-        kwh_per_1000_answers=attributed_j * per_answer / JOULES_PER_KWH,
+        kwh_per_1000_answers=kwh(attributed_j * per_answer),
         electricity_per_1000_answers=None if electricity is None else electricity * per_answer,
         usd_per_1000_answers=None if spent_usd is None else spent_usd * per_answer,
     )

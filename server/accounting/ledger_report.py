@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from server.accounting.energy_units import kwh
 from server.accounting.ledger import DaySummary, LedgerError, RouteDay, daily_summary, default_ledger_path
 
-JOULES_PER_KWH = 3_600_000.0
 UNAVAILABLE = "unavailable"
 NOTHING_IN_WINDOW = "no requests or energy readings in this window"
 MAX_WINDOW_DAYS = 36_500  # beyond this, dates stop being representable; no ledger is that old
@@ -293,7 +293,7 @@ def _total_routes(lines: list[Line]) -> dict[str, RouteLine]:
 
 
 def _kwh(energy_j: float | None) -> float | None:
-    return None if energy_j is None else energy_j / JOULES_PER_KWH
+    return None if energy_j is None else kwh(energy_j)
 
 
 def _sum(values: list[float | None]) -> float | None:

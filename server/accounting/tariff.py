@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
-JOULES_PER_KWH = 3_600_000.0
+from server.accounting.energy_units import kwh
+
 TOKENS_PER_MTOK = 1_000_000.0
 
 DEFAULT_PRICE_PER_KWH_VND = 2998.0
@@ -61,7 +62,7 @@ class Tariff:
         """Cost of `energy_j` joules in `currency` (None when the energy is unknown)."""
         if energy_j is None:
             return None
-        return energy_j * self.wall_power_factor / JOULES_PER_KWH * self.price_per_kwh
+        return kwh(energy_j * self.wall_power_factor) * self.price_per_kwh
 
     def to_usd(self, amount: float | None) -> float | None:
         """`amount` in `currency` converted to USD (1:1 when the currency is USD)."""

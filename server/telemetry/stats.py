@@ -14,15 +14,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
+from server.accounting.energy_units import kwh
 from server.accounting.tariff import ApiPrice, Tariff, projected_month
 from server.telemetry.energy_attribution import EnergySnapshot
+from server.telemetry.percentiles import percentiles
 
 SECONDS_PER_DAY = 86_400.0
 MAX_WINDOW_S = SECONDS_PER_DAY  # longer spans: `student report`, from the ledger
 DAYS_PER_MONTH = 30.0
-PERCENTILES = (50, 95, 99)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,15 +172,6 @@ class StatsBook:
                 break
             base = totals
         return None if base is None else now.minus(base)
-
-
-def percentiles(values: Iterable[float | None]) -> dict[str, float | int | None]:
-    """p50/p95/p99 (linear interpolation) and the count of values; percentiles None when empty."""
-    present = [value for value in values if value is not None]
-    result: dict[str, float | int | None] = {"count": len(present)}
-    points = np.percentile(present, PERCENTILES).tolist() if present else [None] * len(PERCENTILES)
-    result.update({f"p{p}": point for p, point in zip(PERCENTILES, points, strict=True)})
-    return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,7 +327,7 @@ def _energy_block(book: StatsBook, inputs: StatsInputs, window_s: float | None, 
         active_j=used.active_j,
         idle_j=used.idle_j,
         unattributed_j=used.unattributed_j,
-        kwh=used.total_j / 3_600_000.0,
+        kwh=kwh(used.total_j),
     )
     return block
 
