@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from loadtest.feed import FEED_ATTRIBUTE, ArrivalFeed
 from loadtest.probes import ProcessWatch, fetch_stats, watch_processes
 from loadtest.results import LATE_FRACTION_LIMIT, LATE_THRESHOLD_S, RunResult, Sample, percentiles
 from loadtest.workload import Workload
+from server.runtime.ports import free_port
 
 logger = logging.getLogger("loadtest")
 
@@ -92,7 +92,7 @@ def execute(plan: RunPlan) -> RunResult:
 
     if plan.distributed:
         locust.runners.WORKER_REPORT_INTERVAL = WORKER_REPORT_INTERVAL_S
-        port = plan.master_port or _free_port()
+        port = plan.master_port or free_port()
         runner = env.create_master_runner(plan.master_bind_host, port)
 
         def on_worker_report(client_id: str, data: dict[str, Any]) -> None:
@@ -266,20 +266,15 @@ def _say(message: str, level: int = logging.INFO) -> None:
     logger.log(level, message)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _start_worker(port: int, log_path: Path) -> subprocess.Popen:
-    log = log_path.open("w")
-    return subprocess.Popen(
-        [sys.executable, "-m", "loadtest.worker", "--master-host", "127.0.0.1", "--master-port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
+    """A worker process writing to `log_path` (the child keeps the file open, this process does not)."""
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "loadtest.worker", "--master-host", "127.0.0.1", "--master-port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 def _wait_for_workers(runner: Any, expected: int, processes: list[subprocess.Popen]) -> None:

@@ -44,10 +44,6 @@ class ArrivalFeed:
     def seconds_until(self, arrival: Arrival) -> float:
         return self.t0_epoch + arrival.offset_s - time.time()
 
-    def offset_now(self) -> float:
-        """Seconds since the run's start, on the wall clock (shared by all workers)."""
-        return time.time() - self.t0_epoch
-
     def record(self, sample: Sample) -> None:
         self._done.append(sample)
 

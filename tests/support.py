@@ -209,15 +209,15 @@ def start_stack(args: list[str], log_path: Path, env: dict[str, str] | None = No
     Its ledger is `ledger.sqlite3` beside the log unless `env` names another.
     """
     port, vllm_port = free_port(), free_port()
-    log = log_path.open("w")
     ledger_path = log_path.parent / "ledger.sqlite3"
-    process = subprocess.Popen(
-        [STUDENT, "serve", "--port", str(port), "--vllm-port", str(vllm_port), *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "STUDENT_LEDGER_PATH": str(ledger_path), **(env or {})},
-    )
+    with log_path.open("w") as log:  # the child keeps it open; this process need not
+        process = subprocess.Popen(
+            [STUDENT, "serve", "--port", str(port), "--vllm-port", str(vllm_port), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "STUDENT_LEDGER_PATH": str(ledger_path), **(env or {})},
+        )
     return Stack(process, log_path, port, vllm_port, ledger_path)
 
 

@@ -53,9 +53,14 @@ class ChunkWriter:
         return cls(cycle)
 
     def write(self, data: bytes) -> bool:
-        """Send `data` as one HTTP chunk; False (nothing written) once the client is gone."""
+        """Send `data` as one HTTP chunk; False (nothing written) once the client is gone.
+
+        Empty `data` writes nothing: a zero-length chunk is HTTP's end of the body.
+        """
         if self._cycle.disconnected:
             return False
+        if not data:
+            return True
         self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         return True
 

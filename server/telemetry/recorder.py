@@ -57,10 +57,6 @@ class RequestRecorder:
         self.ledger_errors = 0
         self._energy_row_since: tuple[float, EnergyTotals | None] = (time.time(), self._energy_totals())
 
-    @property
-    def measures_energy(self) -> bool:
-        return self._meter.measuring
-
     def begin(self, record: RequestRecord) -> None:
         """A request goes upstream. Streams report tokens as they go; whole answers cannot."""
         self.in_flight += 1

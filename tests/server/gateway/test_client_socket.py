@@ -38,16 +38,20 @@ class Served:
 def streaming_app(served: Served) -> GatewayApp:
     app = GatewayApp()
 
-    async def body(count: int, chunk: bytes, delay_s: float) -> AsyncIterator[bytes]:
+    async def body(count: int, chunk: bytes, delay_s: float, gaps: bool) -> AsyncIterator[bytes]:
         for index in range(count):
             served.produced += 1
             yield chunk if chunk else b"data: %d\n\n" % index
+            if gaps:
+                yield b""
             if delay_s:
                 await asyncio.sleep(delay_s)
 
     @app.get("/stream")
-    async def stream(request: Request, count: int = 5, big: bool = False, delay_s: float = 0.0) -> RelayResponse:
-        chunks = body(count, BIG_CHUNK if big else b"", delay_s)
+    async def stream(
+        request: Request, count: int = 5, big: bool = False, delay_s: float = 0.0, gaps: bool = False
+    ) -> RelayResponse:
+        chunks = body(count, BIG_CHUNK if big else b"", delay_s, gaps)
         return ObservedRelay(chunks, served=served, media_type="text/event-stream", on_close=served.closed.set)
 
     return app
@@ -167,3 +171,13 @@ def test_without_uvicorn_the_stream_goes_through_asgi(server: tuple[int, Served]
     assert response.status_code == 200
     assert response.text == "data: 0\n\ndata: 1\n\ndata: 2\n\n"
     assert served.writers[-1] is None
+
+
+def test_an_empty_chunk_from_the_body_does_not_end_the_stream(server: tuple[int, Served]) -> None:
+    """A zero-length HTTP chunk ends the body: `write(b"")` used to send one mid-stream."""
+    port, served = server
+    client = raw_get(port, "/stream?count=3&gaps=true")
+    _, chunks = read_response(client)
+    client.close()
+    assert chunks == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n"]
+    assert served.writers and served.writers[0] is not None

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import gc
 import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import psutil
@@ -227,3 +230,32 @@ def test_sigterm_lets_answers_in_flight_finish_and_accounts_them(stack: Stack, t
         assert [(row.status, row.completion_tokens) for row in rows] == [(200, 2000)]
     finally:
         gateway.kill_all()
+
+
+def test_the_process_starting_serve_closes_its_handle_on_the_log(tmp_path: Path) -> None:
+    """The child writes the log; the parent's handle was left for the garbage collector to close
+    (an unclosed-file ResourceWarning per started stack)."""
+    log = tmp_path / "serve.log"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        stack = start_stack(["--upstream", "localhost:8001"], log)  # refused at once: exit 1
+        gc.collect()
+    try:
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning) and str(log) in str(w.message)]
+        assert str(log) not in [entry.path for entry in psutil.Process().open_files()]
+        assert stack.process.wait(60) == 1
+    finally:
+        stack.kill_all()
+
+
+def test_a_load_test_master_closes_its_handles_on_the_workers_logs(tmp_path: Path) -> None:
+    """The same for `student load --workers N`: checked in a child, since Locust patches with gevent."""
+    code = (
+        "import gc, sys, warnings; from pathlib import Path; from loadtest.engine import _start_worker; "
+        "warnings.simplefilter('error', ResourceWarning); log = Path(sys.argv[1]); "
+        "worker = _start_worker(1, log); gc.collect(); worker.kill(); worker.wait(); print('closed')"
+    )
+    command = [sys.executable, "-X", "dev", "-c", code, str(tmp_path / "worker.log")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "closed", result.stderr
+    assert "ResourceWarning" not in result.stderr, result.stderr
