@@ -290,9 +290,11 @@ class _ClockSource:
 
     def __init__(self) -> None:
         self._start_s = time.monotonic()
+        self.reads = 0
 
     def read(self) -> Reading:
         now_s = time.monotonic()
+        self.reads += 1
         return Reading(now_s, 50.0 * (now_s - self._start_s), 50.0)
 
     def close(self) -> None:
@@ -300,12 +302,14 @@ class _ClockSource:
 
 
 def test_a_request_shorter_than_the_sampling_period_closes_the_interval_when_it_finishes() -> None:
-    meter = EnergyMeter(_ClockSource(), idle_w=0.0, sample_hz=0.5)  # the sampler ticks every 2 s
+    source = _ClockSource()
+    meter = EnergyMeter(source, idle_w=0.0, sample_hz=0.5)  # the sampler ticks every 2 s
     meter.start()
     try:
-        time.sleep(0.05)  # the sampler's first reading is the baseline
+        wait_for(lambda: source.reads >= 1)  # the sampler's first reading is the baseline
+        assert source.reads == 1
         meter.start_request("short")
-        time.sleep(0.2)
+        time.sleep(0.2)  # the request itself: 0.2 s at 50 W
         meter.add_tokens("short", 7)
         energy_j = meter.finish_request("short")
     finally:
