@@ -22,57 +22,13 @@ from pydantic import ValidationError
 
 from server.gateway.app import create_app
 from server.control.auth import KeyFileError, load_keys
-from server.runtime.profiles import PROFILES, profile_settings
+from server.runtime.profiles import profile_settings
+from server.runtime.serve_flags import add_setting_flags, flag_overrides
 from server.runtime.settings import Settings
 from server.runtime.stop_signals import EXIT_CODES_HELP, GatewayServer, StopSignals
 from server.runtime.vllm_supervisor import VllmStartError, VllmSupervisor
 
 DEMO_STOP_TIMEOUT_S = 30.0  # an interrupted demo build cleans up, then is killed
-
-# Flag name -> Settings field, for the flags a user actually passed.
-_FLAG_FIELDS = {
-    "model": "model_dir",
-    "host": "host",
-    "port": "port",
-    "vllm_port": "vllm_port",
-    "upstream": "upstream_urls",
-    "served_model_name": "served_model_name",
-    "device": "device",
-    "dtype": "dtype",
-    "max_model_len": "max_model_len",
-    "max_num_seqs": "max_num_seqs",
-    "kv_cache_gib": "kv_cache_gib",
-    "vllm_arg": "vllm_extra_args",
-    "access_log": "access_log",
-    "ledger": "ledger_path",
-    "power_source": "power_source",
-    "idle_w": "idle_w",
-    "price_per_kwh": "price_per_kwh",
-    "currency": "currency",
-    "usd_rate": "usd_rate",
-    "wall_power_factor": "wall_power_factor",
-    "telemetry": "telemetry",
-    "power_limit_w": "power_limit_w",
-    "api_keys_file": "api_keys_file",
-    "observability": "observability_access",
-    "rate_limit_rpm": "rate_limit_rpm",
-    "rate_limit_tpm": "rate_limit_tpm",
-    "max_in_flight": "max_in_flight",
-    "max_queue": "max_queue",
-    "drain_timeout_s": "drain_timeout_s",
-    "first_token_timeout_s": "first_token_timeout_s",
-    "inter_token_timeout_s": "inter_token_timeout_s",
-    "profile": "profile",
-    "remote_url": "remote_url",
-    "remote_model": "remote_model",
-    "remote_api_key_env": "remote_api_key_env",
-    "remote_price": "remote_price",
-    "route_header": "route_header",
-    "route_remote_model": "route_remote_models",
-    "route_keyword": "route_keywords",
-    "fallback_to_remote": "fallback_to_remote",
-}
-
 
 class ServeError(Exception):
     """A problem the user can fix (bad flag, busy port, missing model): printed, exit 1."""
@@ -80,61 +36,12 @@ class ServeError(Exception):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXIT_CODES_HELP
-    parser.add_argument("--model", type=Path, help="merged student directory (default: the demo student)")
-    parser.add_argument("--profile", choices=sorted(PROFILES), help="hardware profile filling unset options (e.g. rtx4090)")
-    parser.add_argument("--host", help="gateway address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="gateway port (default 8000)")
-    parser.add_argument("--vllm-port", type=int, help="port of the vLLM child (default 8001)")
-    parser.add_argument(
-        "--upstream", metavar="URL", action="append",
-        help="front an already running vLLM instead of starting one; repeat for several replicas (balanced, health-checked)",
-    )
-    parser.add_argument("--served-model-name", help="model name clients send (default 'student')")
-    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], help="default: gpu if nvidia-smi exists")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--max-model-len", type=int, help="context length in tokens (default: the model's own)")
-    parser.add_argument("--max-num-seqs", type=int, help="most sequences vLLM runs at once (default 64)")
-    parser.add_argument("--kv-cache-gib", type=float, help="CPU only: KV cache size in GiB (default 2)")
-    parser.add_argument("--vllm-arg", action="append", help="extra argument for vLLM (repeatable)")
-    parser.add_argument("--access-log", action="store_true", default=None, help="log one line per request: status, tokens, TTFT, TPOT, latency")
-    access = parser.add_argument_group("who may call, and how many at once")
-    access.add_argument("--api-keys-file", type=Path, help="file of name=key lines; /v1/* then needs Authorization: Bearer KEY (or STUDENT_API_KEYS)")
-    access.add_argument("--observability", choices=["open", "key", "localhost"], help="who may read /metrics, /stats, /dashboard (default open)")
-    access.add_argument("--rate-limit-rpm", type=int, help="requests per minute per key (429 + Retry-After beyond)")
-    access.add_argument("--rate-limit-tpm", type=int, help="tokens (prompt + completion) per minute per key, charged as answers finish (429 + Retry-After beyond)")
-    access.add_argument("--max-in-flight", type=int, help="answers the gateway lets run at once (default 2 x max-num-seqs)")
-    access.add_argument("--drain-timeout-s", type=float, help="on SIGTERM: stop accepting, let answers in flight finish this long (default 30)")
-    access.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (default 3 x max-num-seqs)")
-    access.add_argument("--first-token-timeout-s", type=float, help="streams: end with a 504 error event (and abort upstream) if no token came in this long (default 120)")
-    access.add_argument("--inter-token-timeout-s", type=float, help="streams: the same when the upstream goes silent this long between tokens (default 30)")
-    hybrid = parser.add_argument_group("hybrid routing: a remote OpenAI-compatible API beside the student")
-    hybrid.add_argument("--remote-url", metavar="URL", help="the remote's OpenAI-compatible root, e.g. https://api.deepseek.com (enables routing)")
-    hybrid.add_argument("--remote-model", metavar="NAME", help="model name sent to the remote (required with --remote-url)")
-    hybrid.add_argument("--remote-api-key-env", metavar="VAR", help="environment variable holding the remote's key (read at start, sent as Bearer, never shown)")
-    hybrid.add_argument("--remote-price", metavar="PRICE", help="remote's USD per 1M tokens: IN,OUT or one number, or an API price table name (default: --remote-model's entry)")
-    hybrid.add_argument("--route-header", metavar="NAME", help="request header choosing the route, local|remote (default X-Student-Route)")
-    hybrid.add_argument("--route-remote-model", metavar="NAME", action="append", help="a requested model name that means remote (repeatable; default 'remote'; --remote-model always does)")
-    hybrid.add_argument("--route-keyword", metavar="TEXT", action="append", help="a last user message containing TEXT goes remote (repeatable; default: tại sao, phân tích, so sánh)")
-    hybrid.add_argument("--fallback-to-remote", action=argparse.BooleanOptionalAction, default=None, help="send to the remote when local is not ready or at capacity (default on)")
-    measuring = parser.add_argument_group("measuring and money")
-    measuring.add_argument("--ledger", type=Path, help="SQLite ledger file (default ~/.local/share/student-serve/ledger.sqlite3)")
-    measuring.add_argument("--power-source", choices=["auto", "nvml", "rapl", "none"], help="energy meter source (default auto: NVML, else RAPL)")
-    measuring.add_argument("--power-limit-w", type=float, help="cap each GPU at this many watts at start (NVML, needs root); restored at exit")
-    measuring.add_argument("--idle-w", type=float, help="idle power in watts (default: measured over the first 5 s)")
-    measuring.add_argument("--price-per-kwh", type=float, help="electricity price per kWh (default 2998, VND)")
-    measuring.add_argument("--currency", help="currency of --price-per-kwh (default VND)")
-    measuring.add_argument("--usd-rate", type=float, help="units of --currency per USD (default 25000)")
-    measuring.add_argument("--wall-power-factor", type=float, help="measured energy x this = wall estimate (default 1.0: device only)")
-    measuring.add_argument("--no-telemetry", dest="telemetry", action="store_false", default=None, help="measure nothing (only to benchmark the gateway)")
+    add_setting_flags(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Defaults, then the profile (if any), then `STUDENT_*` variables, then the flags passed."""
-    overrides = {
-        field: getattr(args, flag)
-        for flag, field in _FLAG_FIELDS.items()
-        if getattr(args, flag, None) is not None
-    }
+    overrides = flag_overrides(args)
     try:
         settings = Settings(**overrides)
         if settings.profile is None:

@@ -35,82 +35,118 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="STUDENT_", extra="ignore", populate_by_name=True)
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="gateway address")
+    port: int = Field(8000, ge=1, le=65535, description="gateway port")
 
-    model_dir: Path | None = None
-    served_model_name: str = "student"
+    model_dir: Path | None = Field(None, description="merged student directory (default: the demo student)")
+    served_model_name: str = Field("student", description="model name clients send")
     # vLLM servers to front (replicas); none: start and supervise one. The environment takes a
     # comma-separated list as STUDENT_UPSTREAM_URLS or, as before, STUDENT_UPSTREAM_URL (an
     # alias stops env_prefix applying, hence the full names); `upstream_url=` still works too.
     upstream_urls: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, validation_alias=AliasChoices("student_upstream_urls", "student_upstream_url")
+        default_factory=list,
+        validation_alias=AliasChoices("student_upstream_urls", "student_upstream_url"),
+        description="front an already running vLLM instead of starting one; several: replicas, balanced and "
+        "health-checked",
     )
     health_check_interval_s: float = Field(2.0, gt=0, description="how often each upstream's /health is polled")
 
-    profile: str | None = Field(None, description="named hardware profile (server/runtime/profiles.py)")
+    profile: str | None = Field(None, description="hardware profile filling unset options (e.g. rtx4090)")
     vllm_host: str = "127.0.0.1"
-    vllm_port: int = Field(8001, ge=1, le=65535)
-    device: Device = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_model_len: int | None = Field(None, ge=16, description="tokens; None: the model's own limit")
-    max_num_seqs: int = Field(64, ge=1)
-    kv_cache_gib: float = Field(2.0, gt=0, description="CPU only: VLLM_CPU_KVCACHE_SPACE, GiB")
+    vllm_port: int = Field(8001, ge=1, le=65535, description="port of the vLLM child")
+    device: Device = Field("auto", description="where vLLM runs; auto: gpu if nvidia-smi exists")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights dtype in vLLM")
+    max_model_len: int | None = Field(None, ge=16, description="context length in tokens (default: the model's own)")
+    max_num_seqs: int = Field(64, ge=1, description="most sequences vLLM runs at once")
+    kv_cache_gib: float = Field(2.0, gt=0, description="CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
-    vllm_extra_args: list[str] = Field(default_factory=list)
+    vllm_extra_args: list[str] = Field(default_factory=list, description="extra argument for vLLM (repeatable)")
     vllm_start_timeout_s: float = Field(600.0, gt=0)
     vllm_stop_timeout_s: float = Field(20.0, gt=0)
 
     upstream_connect_timeout_s: float = Field(10.0, gt=0)
     upstream_read_timeout_s: float = Field(600.0, gt=0, description="whole answers: longest silence between bytes")
-    first_token_timeout_s: float = Field(120.0, gt=0, description="streams: longest wait for the first event")
-    inter_token_timeout_s: float = Field(30.0, gt=0, description="streams: longest silence between events")
+    first_token_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="streams: end with a 504 error event (and abort upstream) if no token came in this many seconds",
+    )
+    inter_token_timeout_s: float = Field(
+        30.0, gt=0, description="streams: the same when the upstream goes silent this many seconds between tokens"
+    )
     upstream_max_connections: int = Field(4096, ge=1)
     ready_timeout_s: float = Field(2.0, gt=0)
-    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long answers in flight may finish")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM or Ctrl-C: stop accepting, let answers in flight finish this many seconds"
+    )
 
-    access_log: bool = False
+    access_log: bool = Field(False, description="log one line per request: status, tokens, TTFT, TPOT, latency")
 
     api_keys: str | None = Field(None, repr=False, description="name=key pairs, comma-separated")
-    api_keys_file: Path | None = Field(None, description="file of name=key lines")
-    observability_access: Literal["open", "key", "localhost"] = "open"
-    rate_limit_rpm: int | None = Field(None, ge=1, description="requests per minute per key")
-    rate_limit_tpm: int | None = Field(None, ge=1, description="tokens (prompt + completion) per minute per key")
+    api_keys_file: Path | None = Field(
+        None, description="file of name=key lines; /v1/* then needs Authorization: Bearer KEY (or STUDENT_API_KEYS)"
+    )
+    observability_access: Literal["open", "key", "localhost"] = Field(
+        "open", description="who may read /metrics, /stats, /dashboard"
+    )
+    rate_limit_rpm: int | None = Field(None, ge=1, description="requests per minute per key (429 + Retry-After beyond)")
+    rate_limit_tpm: int | None = Field(
+        None,
+        ge=1,
+        description="tokens (prompt + completion) per minute per key, charged as answers finish "
+        "(429 + Retry-After beyond)",
+    )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
-    max_in_flight: int | None = Field(None, ge=1, description="default 2 × max_num_seqs")
-    max_queue: int | None = Field(None, ge=0, description="default 3 × max_num_seqs")
+    max_in_flight: int | None = Field(
+        None, ge=1, description="answers the gateway lets run at once (default: 2 x max-num-seqs)"
+    )
+    max_queue: int | None = Field(
+        None, ge=0, description="requests waiting for a slot before 429 (default: 3 x max-num-seqs)"
+    )
     cache_dir: Path = Field(default_factory=default_cache_dir)
 
     telemetry: bool = Field(True, description="measure requests (metrics, stats, ledger); off only to benchmark")
-    ledger_path: Path = Field(default_factory=default_ledger_path)
+    ledger_path: Path = Field(default_factory=default_ledger_path, description="SQLite ledger file")
     stats_retention: int = Field(100_000, ge=100, description="finished requests kept in memory for /stats")
 
-    power_source: PowerSourceChoice = "auto"
-    idle_w: float | None = Field(None, ge=0, description="watts; None: measured at start-up")
+    power_source: PowerSourceChoice = Field("auto", description="energy meter source; auto: NVML, else RAPL")
+    idle_w: float | None = Field(None, ge=0, description="idle power in watts (default: measured over the first 5 s)")
     idle_window_s: float = Field(5.0, gt=0)
     energy_sample_hz: float = Field(10.0, gt=0, le=1000)
-    power_limit_w: float | None = Field(None, gt=0, description="cap each GPU at this many W (NVML, root)")
+    power_limit_w: float | None = Field(
+        None, gt=0, description="cap each GPU at this many watts at start (NVML, needs root); restored at exit"
+    )
     energy_ledger_interval_s: float = Field(60.0, gt=0, description="how often energy totals go to the ledger")
 
-    price_per_kwh: float = Field(DEFAULT_PRICE_PER_KWH_VND, ge=0)
-    currency: str = "VND"
-    usd_rate: float = Field(DEFAULT_USD_RATE, gt=0, description="units of `currency` per USD")
-    wall_power_factor: float = Field(1.0, ge=1.0, description="measured energy × this = estimate at the wall")
+    price_per_kwh: float = Field(DEFAULT_PRICE_PER_KWH_VND, ge=0, description="electricity price per kWh")
+    currency: str = Field("VND", description="currency of the electricity price")
+    usd_rate: float = Field(DEFAULT_USD_RATE, gt=0, description="units of the currency per USD")
+    wall_power_factor: float = Field(
+        1.0, ge=1.0, description="measured energy x this = estimate at the wall (1.0: the device only)"
+    )
     api_prices: dict[str, ApiPrice] = Field(default_factory=default_api_prices)
 
     # Hybrid routing (server/control/hybrid_routing.py): an OpenAI-compatible remote beside the local student.
-    remote_url: str | None = Field(None, description="OpenAI-compatible root of the remote, e.g. https://api.deepseek.com")
-    remote_model: str | None = Field(None, description="the model name sent to the remote")
-    remote_api_key_env: str | None = Field(None, description="name of the environment variable holding the remote's key")
+    remote_url: str | None = Field(
+        None, description="the remote's OpenAI-compatible root, e.g. https://api.deepseek.com (enables routing)"
+    )
+    remote_model: str | None = Field(None, description="model name sent to the remote (required with a remote)")
+    remote_api_key_env: str | None = Field(
+        None, description="environment variable holding the remote's key (read at start, sent as Bearer, never shown)"
+    )
     remote_price: str | None = Field(
-        None, description="remote's USD per 1M tokens: 'IN,OUT', one number for both, or an api_prices name"
+        None,
+        description="remote's USD per 1M tokens: IN,OUT or one number, or an API price table name "
+        "(default: the remote model's entry)",
     )
     route_header: str = Field(DEFAULT_ROUTE_HEADER, description="request header naming the route: local|remote")
     route_remote_models: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["remote"], description="requested model names that mean remote (and remote_model)"
+        default_factory=lambda: ["remote"],
+        description="a requested model name that means remote (repeatable; the remote's model always does)",
     )
     route_keywords: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: list(DEFAULT_KEYWORDS), description="a last user message containing one goes remote"
+        default_factory=lambda: list(DEFAULT_KEYWORDS),
+        description="a last user message containing this goes remote (repeatable)",
     )
     fallback_to_remote: bool = Field(True, description="local not ready or at capacity: send to the remote instead")
     _remote_api_key: SecretStr | None = PrivateAttr(None)  # read from `remote_api_key_env` once, at start-up
