@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import operator
 import time
 from dataclasses import dataclass, field
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -453,15 +454,22 @@ _VLLM_GAUGES = {
 
 
 def vllm_gauges(metrics_text: str) -> dict[str, float | None]:
-    """Sum each gauge of `_VLLM_GAUGES` over its label sets (engines); None when absent."""
+    """Each gauge of `_VLLM_GAUGES` over its label sets (engines); None when absent.
+
+    Request counts add up over engines; KV-cache use is a share per engine, so the fullest one
+    is reported (two engines at 80 % are 80 %, not 160 %), as across replicas.
+    """
     found: dict[str, float | None] = dict.fromkeys(_VLLM_GAUGES.values())
     for line in metrics_text.splitlines():
         if not line.startswith("vllm:"):
             continue
         name = line.split("{", 1)[0].split(" ", 1)[0]
         key = _VLLM_GAUGES.get(name)
-        if key is not None:
-            found[key] = (found[key] or 0.0) + float(line.rsplit(" ", 1)[1])
+        if key is None:
+            continue
+        value, known = float(line.rsplit(" ", 1)[1]), found[key]
+        merge = max if key == "kv_cache_usage" else operator.add
+        found[key] = value if known is None else merge(known, value)
     return found
 
 

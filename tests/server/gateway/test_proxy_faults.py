@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from server.gateway.proxy import vllm_gauges
 from tests.support import Stack, http_get, start_stack, wait_for
 
 EVENTS = [f'data: {{"choices": [{{"index": 0, "text": "{word}"}}]}}\n\n'.encode() for word in ("xin", " chào")]
@@ -135,3 +136,19 @@ def test_a_client_reading_slowly_is_not_taken_for_a_silent_upstream(tmp_path) ->
                 received += more
     assert b'"error"' not in received, received[-600:]
     assert received.count(b"x" * 65_536) == FLOOD_EVENTS and b"data: [DONE]" in received
+
+
+def test_vllm_gauges_add_requests_over_engines_and_take_the_fullest_kv_cache() -> None:
+    """Two engines at 80 % KV cache are 80 % (summing them read 160 %)."""
+    text = "\n".join(
+        [
+            "# TYPE vllm:num_requests_running gauge",
+            'vllm:num_requests_running{engine="0",model_name="student"} 3.0',
+            'vllm:num_requests_running{engine="1",model_name="student"} 2.0',
+            'vllm:num_requests_waiting{engine="0",model_name="student"} 1.0',
+            'vllm:kv_cache_usage_perc{engine="0",model_name="student"} 0.8',
+            'vllm:kv_cache_usage_perc{engine="1",model_name="student"} 0.75',
+        ]
+    )
+    assert vllm_gauges(text) == {"running": 5.0, "waiting": 1.0, "kv_cache_usage": 0.8}
+    assert vllm_gauges("") == {"running": None, "waiting": None, "kv_cache_usage": None}
