@@ -1,4 +1,4 @@
 """Benchmarks: measurements to read, not tests to pass (no thresholds, no exit codes on results).
 
-Each module runs with `python -m benchmarks.NAME --help`; see benchmarks/README.md.
+`student bench NAME --help` runs each; results and how to read them: docs/benchmarks.md.
 """

@@ -1,6 +1,6 @@
 """`student load SCENARIO --target URL [options]`: Locust scenarios against a running gateway.
 
-Scenarios: `daily`, `capacity`, `soak`, `burst` (see `loadtest/README.md`); `worker` joins a
+Scenarios: `daily`, `capacity`, `soak`, `burst` (see docs/load-testing.md); `worker` joins a
 master on another host. Each run writes a report folder and exits 0 when the SLO held, 1 when it
 failed (so it can gate a deploy), 2 when the run could not happen.
 

@@ -1,6 +1,6 @@
 """`student distill`: training data from a teacher model, resumable, in chat "messages" JSONL.
 
-Three modes, after the article (`shared/seed/distillation-article-vi.txt`):
+Three modes, after the distillation article this project follows:
 
 - `response`: for each topic (Vietnamese e-commerce support topics; `models/data/distill_topics.txt`
   by default) the teacher writes `--questions-per-topic` customer questions (up to 10 per request,

@@ -177,7 +177,7 @@ async def stats(
     proxy: ProxyDep,
     window: Annotated[float | None, Query(gt=0, le=MAX_WINDOW_S, description="seconds; default: since start")] = None,
 ) -> Response | dict:
-    """Requests, tokens, latency percentiles, energy and money as JSON (schema in the README)."""
+    """Requests, tokens, latency percentiles, energy and money as JSON (schema in docs/api.md)."""
     if recorder is None:
         return error_response(404, TELEMETRY_OFF)
     document = recorder.stats(window, await proxy.vllm_load(), proxy.balancer.status())
