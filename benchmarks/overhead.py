@@ -46,7 +46,7 @@ import aiohttp
 import psutil
 
 from benchmarks import vllm_bench
-from benchmarks.telemetry import (
+from benchmarks.harness import (
     DIRECT,
     GW_ON,
     MODEL_NAME,

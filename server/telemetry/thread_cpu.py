@@ -5,7 +5,7 @@
     ...  # start the meter, let it run, stop it
     cpu_s = probe.thread_cpu_s[-1] - probe.thread_cpu_s[0]  # over probe.wall_s[-1] - probe.wall_s[0]
 
-Used by `student gpu-check` (`server.gpu_check`) and the telemetry benchmark (`benchmarks.telemetry`).
+Used by `student gpu-check` (`server.gpu_check`) and the telemetry benchmark (`benchmarks.telemetry_cost`).
 """
 
 from __future__ import annotations

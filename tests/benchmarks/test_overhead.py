@@ -17,7 +17,7 @@ from benchmarks.overhead import (
     tpot_ms,
     tree_cpu_s,
 )
-from benchmarks.telemetry import DIRECT, GW_ON, Sample
+from benchmarks.harness import DIRECT, GW_ON, Sample
 
 
 def block(target: str, requests: int, wall_s: float) -> Block:
