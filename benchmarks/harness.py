@@ -52,11 +52,11 @@ def say(message: str) -> None:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Aligned text table: first column left-aligned, the rest right-aligned."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
         first, *rest = (str(c) for c in cells)
-        return "  ".join([first.ljust(widths[0]), *(c.rjust(w) for c, w in zip(rest, widths[1:]))])
+        return "  ".join([first.ljust(widths[0]), *(c.rjust(w) for c, w in zip(rest, widths[1:], strict=True))])
 
     return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
@@ -65,8 +65,6 @@ def fmt(value: float | None, digits: int = 1, sign: bool = False) -> str:
     if value is None or math.isnan(value):
         return "–"
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
-
-
 
 
 def steady_source() -> SteadySource:
@@ -231,8 +229,6 @@ def serve_steady_gateway() -> None:
     )
 
 
-
-
 def support_chats() -> list[list[dict[str, str]]]:
     with CHATS.open(encoding="utf-8") as lines:
         return [json.loads(line)["messages"] for line in lines if line.strip()]
@@ -266,9 +262,25 @@ def start_stack(services: Services, workdir: Path, model_dir: Path, max_num_seqs
     holder_port, vllm_port = free_port(), free_port()
     holder = services.start(
         "vllm holder",
-        [STUDENT, "serve", "--model", str(model_dir), "--port", str(holder_port), "--vllm-port", str(vllm_port),
-         "--max-model-len", "4096", "--kv-cache-gib", "1", "--max-num-seqs", str(max_num_seqs), "--dtype", "float32",
-         "--vllm-arg=--no-enable-prefix-caching"],
+        [
+            STUDENT,
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(holder_port),
+            "--vllm-port",
+            str(vllm_port),
+            "--max-model-len",
+            "4096",
+            "--kv-cache-gib",
+            "1",
+            "--max-num-seqs",
+            str(max_num_seqs),
+            "--dtype",
+            "float32",
+            "--vllm-arg=--no-enable-prefix-caching",
+        ],
         holder_port,
         {"STUDENT_TELEMETRY": "false", "STUDENT_LEDGER_PATH": str(workdir / "ledger-holder.sqlite3")},
     )
@@ -306,8 +318,6 @@ def energy_status(target: Target) -> dict[str, Any] | None:
         return None
     stats = json.loads(body)
     return {"energy": stats.get("energy"), "requests": stats.get("requests")}
-
-
 
 
 def rotated(items: Sequence[Any], shift: int) -> list[Any]:

@@ -128,16 +128,34 @@ def run_level(
             args = vllm_bench.bench_args(workload, target.url, per_block, concurrency, workdir, name)
             result = vllm_bench.run_block(args, workdir / name, workdir / "vllm-bench.log")
             blocks.append(
-                Block(target.name, concurrency, round_index, len(result.requests), result.failed, result.duration_s,
-                      result.output_tokens, vllm_bench.shown(args))
+                Block(
+                    target.name,
+                    concurrency,
+                    round_index,
+                    len(result.requests),
+                    result.failed,
+                    result.duration_s,
+                    result.output_tokens,
+                    vllm_bench.shown(args),
+                )
             )
             samples += [
-                Sample(f"c{concurrency}", target.name, round_index, r.ttft_s if not r.error else None,
-                       r.e2e_s if not r.error else None, r.output_tokens, r.error or None)
+                Sample(
+                    f"c{concurrency}",
+                    target.name,
+                    round_index,
+                    r.ttft_s if not r.error else None,
+                    r.e2e_s if not r.error else None,
+                    r.output_tokens,
+                    r.error or None,
+                )
                 for r in result.requests
             ]
-        say(f"  concurrency {concurrency}: round {round_index + 1}/{rounds} done ("
-            + ", ".join(f"{b.target} {b.requests / b.wall_s:.2f} req/s" for b in blocks[-len(targets):]) + ")")
+        say(
+            f"  concurrency {concurrency}: round {round_index + 1}/{rounds} done ("
+            + ", ".join(f"{b.target} {b.requests / b.wall_s:.2f} req/s" for b in blocks[-len(targets) :])
+            + ")"
+        )
     cpu = {name: tree_cpu_s(pid) - cpu0[name] for name, pid in gateways.items()}
     return blocks, samples, cpu
 
@@ -304,33 +322,76 @@ def goal_lines(levels: dict[int, dict[str, Any]], verdicts: dict[str, dict[str, 
             gateway = name != LITELLM
             goal = GOALS["throughput_ratio"].get(concurrency)
             value = row["throughput_ratio_requests"]
-            rows.append(["throughput ratio (req/s vs direct)", name, tag,
-                         fmt(value, 3) + (peer(result, "throughput_ratio_requests", True, value) if gateway else ""),
-                         f"≥ {goal:.2f}" if goal else "–", check(value, goal, True)])
+            rows.append(
+                [
+                    "throughput ratio (req/s vs direct)",
+                    name,
+                    tag,
+                    fmt(value, 3) + (peer(result, "throughput_ratio_requests", True, value) if gateway else ""),
+                    f"≥ {goal:.2f}" if goal else "–",
+                    check(value, goal, True),
+                ]
+            )
             goal = GOALS["added_ttft_p50_ms"].get(concurrency)
             value = row["added_ttft_ms_p50"]
-            rows.append(["added TTFT p50, ms", name, tag,
-                         fmt(value, 2, sign=True) + (peer(result, "added_ttft_ms_p50", False, value) if gateway else ""),
-                         f"≤ {goal:g}" if goal else "(info)", check(value, goal, False)])
+            rows.append(
+                [
+                    "added TTFT p50, ms",
+                    name,
+                    tag,
+                    fmt(value, 2, sign=True) + (peer(result, "added_ttft_ms_p50", False, value) if gateway else ""),
+                    f"≤ {goal:g}" if goal else "(info)",
+                    check(value, goal, False),
+                ]
+            )
             goal = GOALS["ttft_p99_ratio"].get(concurrency)
             value = row["ttft_p99_ratio"]
-            rows.append(["TTFT p99 vs direct's", name, tag,
-                         fmt(value, 2) + (peer(result, "ttft_p99_ratio", False, value) if gateway else ""),
-                         f"≤ {goal:g}×" if goal else "(info)", check(value, goal, False)])
-            rows.append(["added TTFT p50, streamed answers only, ms", name, tag,
-                         fmt(row["added_ttft_ms_p50_streamed"], 2, sign=True), "(info)", "–"])
+            rows.append(
+                [
+                    "TTFT p99 vs direct's",
+                    name,
+                    tag,
+                    fmt(value, 2) + (peer(result, "ttft_p99_ratio", False, value) if gateway else ""),
+                    f"≤ {goal:g}×" if goal else "(info)",
+                    check(value, goal, False),
+                ]
+            )
+            rows.append(
+                [
+                    "added TTFT p50, streamed answers only, ms",
+                    name,
+                    tag,
+                    fmt(row["added_ttft_ms_p50_streamed"], 2, sign=True),
+                    "(info)",
+                    "–",
+                ]
+            )
             value = row["cpu_ms_per_request"]
             on = name == GW_ON
-            rows.append(["proxy CPU per request, ms", name, tag,
-                         fmt(value, 2) + (peer(result, "cpu_ms_per_request", False, value) if gateway else ""),
-                         f"≤ {GOALS['cpu_ms_per_request']:g}" if on else "(info)",
-                         check(value, GOALS["cpu_ms_per_request"], False) if on else "–"])
+            rows.append(
+                [
+                    "proxy CPU per request, ms",
+                    name,
+                    tag,
+                    fmt(value, 2) + (peer(result, "cpu_ms_per_request", False, value) if gateway else ""),
+                    f"≤ {GOALS['cpu_ms_per_request']:g}" if on else "(info)",
+                    check(value, GOALS["cpu_ms_per_request"], False) if on else "–",
+                ]
+            )
     for name, verdict in verdicts.items():
         events = "/".join(map(str, sorted(set(verdict["events"]))))
         direct = "/".join(map(str, sorted(set(verdict["direct_events"]))))
         multi = f"{max(verdict['multi_event_reads'])} vs {max(verdict['direct_multi_event_reads'])}"
-        rows.append(["stream events per request (vs direct)", name, "c=1", f"{events} vs {direct}",
-                     "same", "pass" if verdict["preserved"] else "MISS"])
+        rows.append(
+            [
+                "stream events per request (vs direct)",
+                name,
+                "c=1",
+                f"{events} vs {direct}",
+                "same",
+                "pass" if verdict["preserved"] else "MISS",
+            ]
+        )
         rows.append(["reads holding >1 event, max (vs direct)", name, "c=1", multi, "(info)", "–"])
     return rows
 
@@ -349,16 +410,45 @@ def report(results: dict[str, Any]) -> str:
     ]
     for concurrency, result in results["levels"].items():
         rows = [
-            [name, f"{r['requests'] - r['errors']}/{r['requests']}", fmt(r["requests_per_s"], 2),
-             fmt(r["output_tokens_per_s"], 0), fmt(r["ttft_ms_p50"]), fmt(r["ttft_ms_p99"]), fmt(r["tpot_ms_p50"], 2),
-             fmt(r["e2e_ms_p50"]), _percent(r["late_first_event_share"]), fmt(r["cpu_ms_per_request"], 2)]
+            [
+                name,
+                f"{r['requests'] - r['errors']}/{r['requests']}",
+                fmt(r["requests_per_s"], 2),
+                fmt(r["output_tokens_per_s"], 0),
+                fmt(r["ttft_ms_p50"]),
+                fmt(r["ttft_ms_p99"]),
+                fmt(r["tpot_ms_p50"], 2),
+                fmt(r["e2e_ms_p50"]),
+                _percent(r["late_first_event_share"]),
+                fmt(r["cpu_ms_per_request"], 2),
+            ]
             for name, r in result.items()
         ]
-        lines += [f"concurrency {concurrency}",
-                  table(["target", "ok", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
-                         "E2E p50 ms", "late burst", "CPU ms/req"], rows), ""]
-    lines.append(table(["measure", "target", "load", "value", "goal", "result"],
-                       goal_lines(results["levels"], results["stream_shape"])))
+        lines += [
+            f"concurrency {concurrency}",
+            table(
+                [
+                    "target",
+                    "ok",
+                    "req/s",
+                    "out tok/s",
+                    "TTFT p50 ms",
+                    "TTFT p99 ms",
+                    "TPOT p50 ms",
+                    "E2E p50 ms",
+                    "late burst",
+                    "CPU ms/req",
+                ],
+                rows,
+            ),
+            "",
+        ]
+    lines.append(
+        table(
+            ["measure", "target", "load", "value", "goal", "result"],
+            goal_lines(results["levels"], results["stream_shape"]),
+        )
+    )
     return "\n".join(lines)
 
 
@@ -366,28 +456,44 @@ def report(results: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-prompts", type=int, default=100,
-                        help="prompts per target and concurrency, split over the rounds (default 100)")
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        default=100,
+        help="prompts per target and concurrency, split over the rounds (default 100)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per concurrency (default 2)")
     parser.add_argument("--input-len", type=int, default=64, help="prompt tokens (default 64)")
     parser.add_argument("--output-len", type=int, default=64, help="output tokens per request (default 64)")
     parser.add_argument("--model", type=Path, help="serve this model directory (default: a tiny random Llama)")
-    parser.add_argument("--litellm", metavar="PATH",
-                        help="LiteLLM's `litellm` executable: measure its proxy (1 worker) as the peer")
-    parser.add_argument("--out", type=Path, default=Path("overhead-benchmark.json"),
-                        help="results JSON (default ./overhead-benchmark.json)")
+    parser.add_argument(
+        "--litellm", metavar="PATH", help="LiteLLM's `litellm` executable: measure its proxy (1 worker) as the peer"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("overhead-benchmark.json"),
+        help="results JSON (default ./overhead-benchmark.json)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     if min(args.num_prompts, args.rounds, args.input_len, args.output_len) < 1:
-        print("student bench overhead: --num-prompts, --rounds, --input-len and --output-len must be positive",
-              file=sys.stderr)
+        print(
+            "student bench overhead: --num-prompts, --rounds, --input-len and --output-len must be positive",
+            file=sys.stderr,
+        )
         return 2
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
     results: dict[str, Any] = {
         "environment": environment(),
-        "arguments": {"num_prompts": args.num_prompts, "rounds": args.rounds, "input_len": args.input_len,
-                      "output_len": args.output_len, "model": None if args.model is None else str(args.model)},
+        "arguments": {
+            "num_prompts": args.num_prompts,
+            "rounds": args.rounds,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "model": None if args.model is None else str(args.model),
+        },
         "goals": {k: ({str(c): g for c, g in v.items()} if isinstance(v, dict) else v) for k, v in GOALS.items()},
     }
     try:

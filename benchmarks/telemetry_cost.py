@@ -210,35 +210,49 @@ def sampler_report(result: dict[str, Any]) -> str:
     rows = []
     for name, row in result["variants"].items():
         sampled = row["ticks"] > 0
-        rows.append([
-            name,
-            fmt(row["wall_s"]),
-            str(row["ticks"]) if sampled else "–",
-            fmt(row["achieved_hz"]) if sampled else "–",
-            fmt(row["thread_cpu_pct"], 3) if sampled else "–",
-            (
-                f"{fmt(row['us_per_tick'])} ({fmt(row['us_per_tick_min'])}–{fmt(row['us_per_tick_max'])})"
-                if sampled
-                else "–"
-            ),
-            fmt(row["process_cpu_pct"], 3),
-            fmt(row["process_cpu_pct_over_idle"], 3, sign=True),
-            fmt(row["psutil_cpu_pct"], 2),
-        ])
-    headers = ["variant", "wall s", "ticks", "real Hz", "thread %core", "µs/tick (window min–max)",
-               "process %core", "vs idle", "psutil %core"]
-    return "\n".join([
-        f"Energy sampler CPU: real EnergyMeter + sampler thread, {result['source']}, "
-        f"{result['open_requests']} requests open; {result['rounds']} alternating windows per variant",
-        table(headers, rows),
-        "thread %core / µs/tick: time.thread_time() inside the sampler thread, whole loop iterations "
-        "(read + tick + wait + wake).",
-        f"read() + tick() alone, tight loop on one thread (warm caches, no waiting): {result['tick_alone_us']:.1f} µs; "
-        "the rest of a tick is the thread sleeping and waking (timer, futex, GIL, cold caches).",
-        "process %core: time.process_time() of this whole process; psutil %core has 10 ms resolution.",
-        "NVML's (or RAPL's) own read() cost is not in these numbers: the stand-in's read() is a clock "
-        "read. Measure it on a GPU machine: student gpu-check (nvml_read_cost, nvml_sampler_cpu).",
-    ])
+        rows.append(
+            [
+                name,
+                fmt(row["wall_s"]),
+                str(row["ticks"]) if sampled else "–",
+                fmt(row["achieved_hz"]) if sampled else "–",
+                fmt(row["thread_cpu_pct"], 3) if sampled else "–",
+                (
+                    f"{fmt(row['us_per_tick'])} ({fmt(row['us_per_tick_min'])}–{fmt(row['us_per_tick_max'])})"
+                    if sampled
+                    else "–"
+                ),
+                fmt(row["process_cpu_pct"], 3),
+                fmt(row["process_cpu_pct_over_idle"], 3, sign=True),
+                fmt(row["psutil_cpu_pct"], 2),
+            ]
+        )
+    headers = [
+        "variant",
+        "wall s",
+        "ticks",
+        "real Hz",
+        "thread %core",
+        "µs/tick (window min–max)",
+        "process %core",
+        "vs idle",
+        "psutil %core",
+    ]
+    return "\n".join(
+        [
+            f"Energy sampler CPU: real EnergyMeter + sampler thread, {result['source']}, "
+            f"{result['open_requests']} requests open; {result['rounds']} alternating windows per variant",
+            table(headers, rows),
+            "thread %core / µs/tick: time.thread_time() inside the sampler thread, whole loop iterations "
+            "(read + tick + wait + wake).",
+            "read() + tick() alone, tight loop on one thread (warm caches, no waiting): "
+            f"{result['tick_alone_us']:.1f} µs; "
+            "the rest of a tick is the thread sleeping and waking (timer, futex, GIL, cold caches).",
+            "process %core: time.process_time() of this whole process; psutil %core has 10 ms resolution.",
+            "NVML's (or RAPL's) own read() cost is not in these numbers: the stand-in's read() is a clock "
+            "read. Measure it on a GPU machine: student gpu-check (nvml_read_cost, nvml_sampler_cpu).",
+        ]
+    )
 
 
 async def run_phase(
@@ -340,8 +354,10 @@ def phase_report(title: str, result: dict[str, Any]) -> str:
         [
             name,
             f"{row['requests'] - row['errors']}/{row['requests']}",
-            fmt(row["ttft_ms_p50"]), fmt(row["ttft_ms_p95"]),
-            fmt(row["e2e_ms_p50"]), fmt(row["e2e_ms_p95"]),
+            fmt(row["ttft_ms_p50"]),
+            fmt(row["ttft_ms_p95"]),
+            fmt(row["e2e_ms_p50"]),
+            fmt(row["e2e_ms_p95"]),
             fmt(row["tokens_per_s_p50"], 0),
             f"{100 * row['late_first_event_share']:.0f}%" if row["late_first_event_share"] is not None else "–",
             fmt(row["gateway_cpu_ms_per_request"], 2),
@@ -351,8 +367,21 @@ def phase_report(title: str, result: dict[str, Any]) -> str:
     ]
     lines = [
         f"{title}  (phase wall {result['wall_s']:.1f} s)",
-        table(["target", "ok", "TTFT p50 ms", "TTFT p95 ms", "E2E p50 ms", "E2E p95 ms", "tok/s p50",
-               "late 1st event", "gw CPU ms/req", "gw CPU µs/token"], rows),
+        table(
+            [
+                "target",
+                "ok",
+                "TTFT p50 ms",
+                "TTFT p95 ms",
+                "E2E p50 ms",
+                "E2E p95 ms",
+                "tok/s p50",
+                "late 1st event",
+                "gw CPU ms/req",
+                "gw CPU µs/token",
+            ],
+            rows,
+        ),
         "",
     ]
 
@@ -368,8 +397,12 @@ def phase_report(title: str, result: dict[str, Any]) -> str:
         [f"{name} − gw off", str(row["pairs"]), ci(row["e2e_ms"]), ci(row["ttft_ms"]), fmt(row["e2e_ratio_median"], 3)]
         for name, row in result["versus_gw_off"].items()
     ]
-    lines.append(table(["paired difference", "pairs", "E2E ms median [95% CI]", "TTFT ms median [95% CI]",
-                        "E2E ratio p50"], added_rows))
+    lines.append(
+        table(
+            ["paired difference", "pairs", "E2E ms median [95% CI]", "TTFT ms median [95% CI]", "E2E ratio p50"],
+            added_rows,
+        )
+    )
     for name, row in result["versus_gw_off"].items():
         added = row["added_e2e_ratio"]
         low, high = row["e2e_ms"]["ci95"]
@@ -443,8 +476,10 @@ def run_latency(args: argparse.Namespace, results: dict[str, Any], printed: list
         energy = {t.name: energy_status(t) for t in targets if t.service}
         for name, status in energy.items():
             block = (status or {}).get("energy") or {}
-            say(f"  {name}: energy {block.get('status', 'n/a (telemetry off)')}"
-                + (f" — {block.get('reason')}" if block else ""))
+            say(
+                f"  {name}: energy {block.get('status', 'n/a (telemetry off)')}"
+                + (f" — {block.get('reason')}" if block else "")
+            )
         results["latency"] = {
             "max_tokens": args.max_tokens,
             "max_num_seqs": max_num_seqs,
@@ -479,14 +514,18 @@ async def _latency_phases(
             result["samples"] = [asdict(s) for s in samples]
             out["phases"][phase] = result
             printed.append(phase_report(f"Gateway latency, {phase} ({concurrency} in flight)", result))
-            say(f"{phase} done in {wall_s:.0f} s; E2E p50 ms: "
-                + ", ".join(f"{name} {fmt(row['e2e_ms_p50'])}" for name, row in result["targets"].items()))
+            say(
+                f"{phase} done in {wall_s:.0f} s; E2E p50 ms: "
+                + ", ".join(f"{name} {fmt(row['e2e_ms_p50'])}" for name, row in result["targets"].items())
+            )
 
 
 def run(args: argparse.Namespace) -> int:
     if args.requests < 1 or args.concurrency < 1 or args.max_tokens < 1 or args.sampler_seconds <= 0:
-        print("student bench telemetry: --requests, --concurrency, --max-tokens and --sampler-seconds must be positive",
-              file=sys.stderr)
+        print(
+            "student bench telemetry: --requests, --concurrency, --max-tokens and --sampler-seconds must be positive",
+            file=sys.stderr,
+        )
         return 2
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
     results: dict[str, Any] = {"environment": environment(), "arguments": {k: str(v) for k, v in vars(args).items()}}
@@ -516,4 +555,3 @@ def run(args: argparse.Namespace) -> int:
     print("\n\n".join([setup_report(results), *printed]))
     say(f"results written to {args.out}")
     return 0
-

@@ -15,6 +15,7 @@ Deterministic for a given seed. No Locust here: the schedule is plain data that 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -46,7 +47,7 @@ class RateCurve:
     def __init__(self, segments: list[Segment]):
         if not segments:
             raise ValueError("a rate curve needs at least one segment")
-        for before, after in zip(segments, segments[1:]):
+        for before, after in itertools.pairwise(segments):
             if not math.isclose(before.end_s, after.start_s, abs_tol=1e-9):
                 raise ValueError("segments must be consecutive")
         if any(s.duration_s <= 0 or s.rps < 0 for s in segments):
@@ -103,7 +104,7 @@ def schedule(curve: RateCurve, *, seed: int = 0, burstiness: float = 1.0) -> lis
         raise ValueError("burstiness must be > 0 (1 = Poisson)")
     rng = np.random.default_rng(seed)
     arrivals: list[Arrival] = []
-    for segment, count in zip(curve.segments, curve.counts()):
+    for segment, count in zip(curve.segments, curve.counts(), strict=True):
         if count == 0:
             continue
         if burstiness == 1.0:

@@ -106,7 +106,9 @@ class SupportCustomer(User):
             ("completion_tokens", sample.completion_tokens),
         ):
             if value is not None:
-                fire(request_type="METRIC", name=name, response_time=value, response_length=0, exception=None, context={})
+                fire(
+                    request_type="METRIC", name=name, response_time=value, response_length=0, exception=None, context={}
+                )
 
 
 class _StreamReading:
@@ -149,7 +151,8 @@ class _StreamReading:
                 code = chunk["error"].get("code") if isinstance(chunk["error"], dict) else None
                 self.error = f"stream error {code}: {_error_text(chunk['error'])}"
             if self.first_token_epoch is None and any(
-                (choice.get("delta") or {}).get("content") or choice.get("text") for choice in chunk.get("choices") or []
+                (choice.get("delta") or {}).get("content") or choice.get("text")
+                for choice in chunk.get("choices") or []
             ):
                 self.first_token_epoch = time.time()
             if chunk.get("usage"):

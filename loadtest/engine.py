@@ -139,7 +139,9 @@ def execute(plan: RunPlan) -> RunResult:
             if len(collected) >= total:
                 break
             if now > deadline:
-                stopped_early = f"{total - len(collected)} request(s) unfinished {plan.drain_timeout_s:g} s after the schedule ended"
+                unfinished = total - len(collected)
+                after_s = plan.drain_timeout_s
+                stopped_early = f"{unfinished} request(s) unfinished {after_s:g} s after the schedule ended"
                 break
             if now >= next_check:
                 next_check = now + USER_CHECK_INTERVAL_S
@@ -207,16 +209,18 @@ class _Monitor:
             stats = fetch_stats(self.plan.target, window_s=max(interval, 1.0), timeout_s=min(5.0, interval * 2))
             energy = stats.get("energy") or {}
             upstream = stats.get("upstream") or {}
-            self.gateway_series.append({
-                "t": t,
-                "error": stats.get("error"),
-                "power_w": energy.get("power_w") if energy.get("status") == "ok" else None,
-                "completion_tokens_per_s": (stats.get("throughput") or {}).get("completion_tokens_per_s"),
-                "in_flight": (stats.get("requests") or {}).get("in_flight"),
-                "running": upstream.get("running"),
-                "waiting": upstream.get("waiting"),
-                "kv_cache_usage": upstream.get("kv_cache_usage"),
-            })
+            self.gateway_series.append(
+                {
+                    "t": t,
+                    "error": stats.get("error"),
+                    "power_w": energy.get("power_w") if energy.get("status") == "ok" else None,
+                    "completion_tokens_per_s": (stats.get("throughput") or {}).get("completion_tokens_per_s"),
+                    "in_flight": (stats.get("requests") or {}).get("in_flight"),
+                    "running": upstream.get("running"),
+                    "waiting": upstream.get("waiting"),
+                    "kv_cache_usage": upstream.get("kv_cache_usage"),
+                }
+            )
             self.memory_series.append({"t": t, **{w.name: w.rss_mib() for w in self.watches}})
             gevent.sleep(interval)
 
@@ -305,11 +309,20 @@ def _write_locust_files(env: Environment, csv_writer: StatsCSVFileWriter, base: 
     """Locust's own CSV (stats, history, failures, exceptions) and HTML report, final numbers."""
     csv_writer.close_files()
     final = StatsCSV(env, PERCENTILES_TO_REPORT)
-    for suffix, write in (("_stats.csv", final.requests_csv), ("_failures.csv", final.failures_csv),
-                          ("_exceptions.csv", final.exceptions_csv)):
+    for suffix, write in (
+        ("_stats.csv", final.requests_csv),
+        ("_failures.csv", final.failures_csv),
+        ("_exceptions.csv", final.exceptions_csv),
+    ):
         with open(base + suffix, "w", newline="") as handle:
             write(csv.writer(handle))
     html = out_dir / "locust.html"
     html.write_text(get_html_report(env, show_download_link=False), encoding="utf-8")
-    names = ["locust_stats.csv", "locust_stats_history.csv", "locust_failures.csv", "locust_exceptions.csv", "locust.html"]
+    names = [
+        "locust_stats.csv",
+        "locust_stats_history.csv",
+        "locust_failures.csv",
+        "locust_exceptions.csv",
+        "locust.html",
+    ]
     return [n for n in names if (out_dir / n).exists()]

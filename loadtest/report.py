@@ -26,9 +26,18 @@ PLOT_BUCKETS = 40  # about this many points per time series
 MIN_BUCKET_S = 1.0
 
 
-def build_report(scenario: str, target: str, curve: RateCurve, run: RunResult, workload: Workload, *,
-                 seed: int, burstiness: float, scenario_block: dict[str, Any],
-                 verdict: dict[str, Any]) -> dict[str, Any]:
+def build_report(
+    scenario: str,
+    target: str,
+    curve: RateCurve,
+    run: RunResult,
+    workload: Workload,
+    *,
+    seed: int,
+    burstiness: float,
+    scenario_block: dict[str, Any],
+    verdict: dict[str, Any],
+) -> dict[str, Any]:
     samples = run.samples
     late = lateness(samples)
     gateway = run.gateway_window
@@ -66,8 +75,10 @@ def build_report(scenario: str, target: str, curve: RateCurve, run: RunResult, w
         },
         "slo": verdict,
         "gateway": _gateway_excerpt(gateway, run.vllm_url),
-        "memory": {name: {**found, "samples": sum(1 for row in run.memory_series if row.get(name) is not None)}
-                   for name, found in run.processes.items()},
+        "memory": {
+            name: {**found, "samples": sum(1 for row in run.memory_series if row.get(name) is not None)}
+            for name, found in run.processes.items()
+        },
         scenario: scenario_block,
     }
     return report
@@ -76,7 +87,8 @@ def build_report(scenario: str, target: str, curve: RateCurve, run: RunResult, w
 def _scheduled_count(curve: RateCurve, run: RunResult) -> int:
     """Arrivals due in the span that was played (all of them unless the run stopped early)."""
     span = _span(curve, run)
-    return sum(count for segment, count in zip(curve.segments, curve.counts()) if segment.end_s <= span + 1e-9)
+    pairs = zip(curve.segments, curve.counts(), strict=True)
+    return sum(count for segment, count in pairs if segment.end_s <= span + 1e-9)
 
 
 def _span(curve: RateCurve, run: RunResult) -> float:
@@ -131,7 +143,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{slo['objective']['tpot_p95_ms']:g} ms, errors ≤ {100 * slo['objective']['max_error_rate']:g}% |",
         f"| load generator | {_workers(generator['workers'])}, up to {generator['users_max']} users, "
         f"{100 * generator['late_fraction']:.1f}% sent > {generator['late_threshold_ms']:.0f} ms late"
-        + (" — **LAGGING: the load was not delivered as scheduled**" if generator["lagging"] else "") + " |",
+        + (" — **LAGGING: the load was not delivered as scheduled**" if generator["lagging"] else "")
+        + " |",
     ]
     lines += _gateway_rows(report["gateway"])
     lines += SCENARIO_ROWS[report["scenario"]](report[report["scenario"]])
@@ -143,16 +156,22 @@ def _gateway_rows(gateway: dict[str, Any]) -> list[str]:
     if "error" in gateway:
         return [f"| gateway /stats | unreadable: {gateway['error']} |"]
     energy, upstream = gateway.get("energy") or {}, gateway.get("upstream") or {}
-    rows = [f"| gateway: requests in window / TTFT p95 | {(gateway.get('requests') or {}).get('total')} / "
-            f"{_num(((gateway.get('latency_ms') or {}).get('ttft') or {}).get('p95'))} ms |"]
+    rows = [
+        f"| gateway: requests in window / TTFT p95 | {(gateway.get('requests') or {}).get('total')} / "
+        f"{_num(((gateway.get('latency_ms') or {}).get('ttft') or {}).get('p95'))} ms |"
+    ]
     if energy.get("status") == "ok":
-        rows.append(f"| gateway: energy in window | {energy.get('total_j', 0):.0f} J ({energy.get('source')}, "
-                    f"idle {_num(energy.get('idle_w'))} W) |")
+        rows.append(
+            f"| gateway: energy in window | {energy.get('total_j', 0):.0f} J ({energy.get('source')}, "
+            f"idle {_num(energy.get('idle_w'))} W) |"
+        )
     else:
         rows.append(f"| gateway: energy | not measured: {energy.get('reason')} |")
     if upstream.get("kv_cache_usage") is not None:
-        rows.append(f"| vLLM at the end: running / waiting / KV cache | {upstream.get('running')} / "
-                    f"{upstream.get('waiting')} / {100 * upstream['kv_cache_usage']:.0f}% |")
+        rows.append(
+            f"| vLLM at the end: running / waiting / KV cache | {upstream.get('running')} / "
+            f"{upstream.get('waiting')} / {100 * upstream['kv_cache_usage']:.0f}% |"
+        )
     return rows
 
 
@@ -166,16 +185,22 @@ def _daily_rows(block: dict[str, Any]) -> list[str]:
     ]
     if energy["status"] == "ok":
         day = energy["projected_day"]
-        rows.append(f"| energy per real day | {day['kwh']:g} kWh (idle {day['idle_kwh']:g} + active {day['active_kwh']:g}; "
-                    f"{energy['measured']['energy_per_request_j']:g} J per request) |")
-        rows.append(f"| electricity per day / month | {cost['electricity_per_day']:,.0f} / "
-                    f"{cost['electricity_per_month']:,.0f} {cost['currency']} "
-                    f"(${cost['electricity_per_month_usd']:,.2f} a month) |")
+        rows.append(
+            f"| energy per real day | {day['kwh']:g} kWh (idle {day['idle_kwh']:g} + active {day['active_kwh']:g}; "
+            f"{energy['measured']['energy_per_request_j']:g} J per request) |"
+        )
+        rows.append(
+            f"| electricity per day / month | {cost['electricity_per_day']:,.0f} / "
+            f"{cost['electricity_per_month']:,.0f} {cost['currency']} "
+            f"(${cost['electricity_per_month_usd']:,.2f} a month) |"
+        )
     else:
         rows.append(f"| energy and electricity per day | not measured: {energy['reason']} |")
     for name, api in cost.get("api_equivalent", {}).items():
         if api["per_day_usd"] is not None:
-            rows.append(f"| same tokens on {name} | ${api['per_day_usd']:,.2f} a day, ${api['per_month_usd']:,.2f} a month |")
+            rows.append(
+                f"| same tokens on {name} | ${api['per_day_usd']:,.2f} a day, ${api['per_month_usd']:,.2f} a month |"
+            )
     return rows
 
 
@@ -188,19 +213,25 @@ def _capacity_rows(block: dict[str, Any]) -> list[str]:
     for step in block["steps"]:
         state = {True: "ok", False: "broken", None: "not judged"}[step["passed"]]
         p95 = ((step.get("latency_ms") or {}).get("ttft") or {}).get("p95")
-        rows.append(f"| step {step['target_rps']:g} req/s | {state}: {step['done']}/{step['scheduled']} requests, "
-                    f"TTFT p95 {_num(p95)} ms" + (f" — {'; '.join(step['reasons'])}" if step.get("reasons") else "") + " |")
+        rows.append(
+            f"| step {step['target_rps']:g} req/s | {state}: {step['done']}/{step['scheduled']} requests, "
+            f"TTFT p95 {_num(p95)} ms" + (f" — {'; '.join(step['reasons'])}" if step.get("reasons") else "") + " |"
+        )
     return rows
 
 
 def _soak_rows(block: dict[str, Any]) -> list[str]:
     change = block["latency_drift"]["first_to_last"]
-    rows = [f"| latency drift, first → last window | TTFT p95 {_pct(change['ttft_p95_pct'])}, "
-            f"TPOT p95 {_pct(change['tpot_p95_pct'])}, e2e p95 {_pct(change['e2e_p95_pct'])} |"]
+    rows = [
+        f"| latency drift, first → last window | TTFT p95 {_pct(change['ttft_p95_pct'])}, "
+        f"TPOT p95 {_pct(change['tpot_p95_pct'])}, e2e p95 {_pct(change['e2e_p95_pct'])} |"
+    ]
     for name, memory in block["memory_drift"].items():
         if memory["measured"]:
-            rows.append(f"| {name} memory (RSS) | {memory['start_mib']:g} → {memory['end_mib']:g} MiB "
-                        f"(max {memory['max_mib']:g}, {memory['slope_mib_per_hour']:+g} MiB/h) |")
+            rows.append(
+                f"| {name} memory (RSS) | {memory['start_mib']:g} → {memory['end_mib']:g} MiB "
+                f"(max {memory['max_mib']:g}, {memory['slope_mib_per_hour']:+g} MiB/h) |"
+            )
         else:
             rows.append(f"| {name} memory | {memory['reason']} |")
     return rows
@@ -211,9 +242,11 @@ def _burst_rows(block: dict[str, Any]) -> list[str]:
     return [
         f"| spike | ×{block['factor']:g} for {block['burst_seconds']:g} s over {block['base_rps']:g} req/s |",
         f"| recovery time (TTFT back under {_num(block['recovery_threshold_ms'])} ms) | "
-        + ("not recovered before the end" if recovery is None else f"{recovery:g} s") + " |",
-        f"| vLLM queue empty again after | "
-        + (f"{block['queue_recovery_s']:g} s" if block.get("queue_recovery_s") is not None else "–") + " |",
+        + ("not recovered before the end" if recovery is None else f"{recovery:g} s")
+        + " |",
+        "| vLLM queue empty again after | "
+        + (f"{block['queue_recovery_s']:g} s" if block.get("queue_recovery_s") is not None else "–")
+        + " |",
         f"| errors before / during / after | {block['errors']['before']} / {block['errors']['spike']} / "
         f"{block['errors']['after']} |",
     ]
@@ -272,20 +305,29 @@ def write_plots(run: RunResult, curve: RateCurve, out_dir: Path) -> list[str]:
     queue = [(g["t"], g["waiting"], g["running"], g["kv_cache_usage"]) for g in series if g.get("waiting") is not None]
     fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
     axes[0].plot(t, [r["completion_tokens_per_s"] for r in rows], marker=".", label="client: output tokens/s")
-    gateway_tps = [(g["t"], g["completion_tokens_per_s"]) for g in series if g.get("completion_tokens_per_s") is not None]
+    gateway_tps = [
+        (g["t"], g["completion_tokens_per_s"]) for g in series if g.get("completion_tokens_per_s") is not None
+    ]
     if gateway_tps:
-        axes[0].plot(*zip(*gateway_tps), label="gateway /stats: output tokens/s")
+        axes[0].plot(*zip(*gateway_tps, strict=True), label="gateway /stats: output tokens/s")
     _finish(axes[0], "throughput, power and vLLM load", "tokens/s")
     if watts:
-        axes[1].plot(*zip(*watts), color="tab:red", label="power (gateway /stats)")
+        axes[1].plot(*zip(*watts, strict=True), color="tab:red", label="power (gateway /stats)")
         _finish(axes[1], "", "W")
     else:
         reason = (run.gateway_window.get("energy") or {}).get("reason") or run.gateway_window.get("error") or ""
-        axes[1].text(0.5, 0.5, f"power: not measured\n{reason[:110]}", ha="center", va="center",
-                     transform=axes[1].transAxes, fontsize="small")
+        axes[1].text(
+            0.5,
+            0.5,
+            f"power: not measured\n{reason[:110]}",
+            ha="center",
+            va="center",
+            transform=axes[1].transAxes,
+            fontsize="small",
+        )
         axes[1].set_axis_off()
     if queue:
-        qt, waiting, running, kv = zip(*queue)
+        qt, waiting, running, kv = zip(*queue, strict=True)
         axes[2].plot(qt, running, label="vLLM running")
         axes[2].plot(qt, waiting, label="vLLM waiting")
         kv_axis = axes[2].twinx()
@@ -302,11 +344,13 @@ def write_plots(run: RunResult, curve: RateCurve, out_dir: Path) -> list[str]:
     for name in run.processes:
         points = [(row["t"], row[name]) for row in run.memory_series if row.get(name) is not None]
         if points:
-            ax.plot(*zip(*points), marker=".", label=f"{name} RSS")
+            ax.plot(*zip(*points, strict=True), marker=".", label=f"{name} RSS")
             measured = True
     if not measured:
         reasons = "; ".join(f"{n}: {p.get('reason')}" for n, p in run.processes.items())
-        ax.text(0.5, 0.5, f"memory not measured\n{reasons}", ha="center", va="center", transform=ax.transAxes, wrap=True)
+        ax.text(
+            0.5, 0.5, f"memory not measured\n{reasons}", ha="center", va="center", transform=ax.transAxes, wrap=True
+        )
     _finish(ax, "memory of the served processes", "MiB")
     written.append(_save(fig, out_dir / "memory.png"))
     return written

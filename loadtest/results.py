@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -111,7 +112,9 @@ def token_summary(samples: list[Sample], span_s: float) -> dict[str, Any]:
     }
 
 
-def arrival_accuracy(scheduled: int, samples: list[Sample], span_s: float, grace_s: float = LATE_THRESHOLD_S) -> dict[str, Any]:
+def arrival_accuracy(
+    scheduled: int, samples: list[Sample], span_s: float, grace_s: float = LATE_THRESHOLD_S
+) -> dict[str, Any]:
     """Target vs achieved arrival rate: requests sent within the scheduled span (plus grace) ÷ span."""
     sent_in_span = sum(1 for s in samples if s.sent <= span_s + grace_s)
     target = scheduled / span_s if span_s > 0 else 0.0
@@ -127,7 +130,9 @@ def arrival_accuracy(scheduled: int, samples: list[Sample], span_s: float, grace
     }
 
 
-def lateness(samples: list[Sample], threshold_s: float = LATE_THRESHOLD_S, limit: float = LATE_FRACTION_LIMIT) -> dict[str, Any]:
+def lateness(
+    samples: list[Sample], threshold_s: float = LATE_THRESHOLD_S, limit: float = LATE_FRACTION_LIMIT
+) -> dict[str, Any]:
     """How far behind schedule requests went out; `lagging` when too many were late."""
     late = np.array([max(s.late_s, 0.0) for s in samples], dtype=float)
     late_fraction = float((late > threshold_s).mean()) if late.size else 0.0
@@ -153,8 +158,12 @@ def time_buckets(samples: list[Sample], span_s: float, bucket_s: float) -> list[
     rows = []
     for k, members in enumerate(buckets):
         ok = [s for s in members if s.ok]
-        row: dict[str, Any] = {"t": round((k + 0.5) * bucket_s, 3), "sent_rps": len(members) / bucket_s,
-                               "errors": len(members) - len(ok), "completion_tokens_per_s": ends[k] / bucket_s}
+        row: dict[str, Any] = {
+            "t": round((k + 0.5) * bucket_s, 3),
+            "sent_rps": len(members) / bucket_s,
+            "errors": len(members) - len(ok),
+            "completion_tokens_per_s": ends[k] / bucket_s,
+        }
         for name in ("ttft_ms", "tpot_ms", "e2e_ms"):
             values = [getattr(s, name) for s in ok]
             row[f"{name}_p50"] = percentile(values, 50)

@@ -19,7 +19,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_worker(master_host: str, master_port: int) -> int:
-    import locust  # noqa: F401  first: gevent's monkey-patching
+    import locust
     import locust.runners
     from locust.env import Environment
 

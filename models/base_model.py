@@ -155,10 +155,9 @@ def is_complete(model_dir: Path, key: str) -> bool:
         return False
 
 
-def ensure_base_model(
-    cache_dir: Path, progress: Progress = stderr_progress("base"), source: GgufSource | None = None
-) -> Path:
+def ensure_base_model(cache_dir: Path, progress: Progress | None = None, source: GgufSource | None = None) -> Path:
     """The converted base in `cache_dir/base-smollm2-135m-instruct-<key>/`, converted only if missing."""
+    progress = progress or stderr_progress("base")
     source = wheel_source() if source is None else source
     gguf_sha256 = check_source(source)
     key = cache_key(gguf_sha256)
@@ -350,4 +349,3 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_UNUSABLE
     print(model_dir)
     return 0
-

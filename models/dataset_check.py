@@ -284,7 +284,7 @@ def near_empty(rows: Sequence[Row], min_answer_chars: int) -> list[Flagged]:
 
 def cot_missing_reasoning(rows: Sequence[Row]) -> list[Flagged]:
     return [
-        Flagged(row.line, row.task, "no <think>…</think> in the answer and no \"reasoning\" field")
+        Flagged(row.line, row.task, 'no <think>…</think> in the answer and no "reasoning" field')
         for row in rows
         if row.task == COT_TASK and not has_reasoning(row)
     ]
@@ -326,8 +326,8 @@ def split_rows(
         validation_keys = {min(buckets, key=buckets.__getitem__)}
     if len(buckets) >= 2 and validation_keys == set(buckets):
         validation_keys.discard(max(buckets, key=buckets.__getitem__))
-    train = [row for row, key in zip(kept, keys) if key not in validation_keys]
-    validation = [row for row, key in zip(kept, keys) if key in validation_keys]
+    train = [row for row, key in zip(kept, keys, strict=True) if key not in validation_keys]
+    validation = [row for row, key in zip(kept, keys, strict=True) if key in validation_keys]
     return train, validation, len(rows) - len(kept)
 
 
@@ -502,7 +502,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "malformed lines, exact duplicates, near-empty answers, cot samples without reasoning, and "
         "near-duplicate questions (a warning). Exits 1 when a problem is found.",
     )
-    check.add_argument("file", type=Path, metavar="FILE.jsonl", help="chat \"messages\" JSONL")
+    check.add_argument("file", type=Path, metavar="FILE.jsonl", help='chat "messages" JSONL')
     check.add_argument(
         "--min-per-task",
         type=int,
@@ -516,8 +516,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-answer-chars",
         type=int,
         default=DEFAULT_MIN_ANSWER_CHARS,
-        help="an assistant answer with fewer letters or digits (outside <think>) is near-empty "
-        "(default: %(default)s)",
+        help="an assistant answer with fewer letters or digits (outside <think>) is near-empty (default: %(default)s)",
     )
     check.add_argument(
         "--split-out",

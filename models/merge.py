@@ -51,8 +51,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from models.artifacts import (
     DEVICES,
-    DeviceError,
     ArtifactError,
+    DeviceError,
     check_device,
     device_name,
     library_versions,
@@ -144,9 +144,7 @@ class MergeResult:
 
 def weight_files(model_dir: Path) -> list[Path]:
     """Weight files directly in `model_dir` (safetensors or pickled .bin shards), sorted by name."""
-    return sorted(
-        path for path in model_dir.iterdir() if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES)
-    )
+    return sorted(path for path in model_dir.iterdir() if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES))
 
 
 def weight_digests(model_dir: Path) -> dict[str, str]:
@@ -174,15 +172,11 @@ def check_output_dir(out_dir: Path, force: bool, inputs: Sequence[Path]) -> None
     """Refuse an --out that overlaps an input, is a file, or is non-empty without `force`."""
     for input_dir in inputs:
         if _is_within(out_dir, input_dir):
-            raise OutputExistsError(
-                f"--out {out_dir} overlaps the input directory {input_dir}; choose a new directory"
-            )
+            raise OutputExistsError(f"--out {out_dir} overlaps the input directory {input_dir}; choose a new directory")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"--out {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise OutputExistsError(
-            f"--out {out_dir} already exists and is not empty; pass --force to replace it"
-        )
+        raise OutputExistsError(f"--out {out_dir} already exists and is not empty; pass --force to replace it")
 
 
 def _peft_type_name(config: PeftConfig) -> str:
@@ -194,13 +188,10 @@ def read_lora_config(adapter_dir: Path) -> LoraConfig:
     try:
         config = PeftConfig.from_pretrained(str(adapter_dir))
     except (ValueError, TypeError, OSError, json.JSONDecodeError) as error:
-        raise InputError(
-            f"{adapter_dir / ADAPTER_CONFIG} is not a valid peft adapter config: {error}"
-        ) from None
+        raise InputError(f"{adapter_dir / ADAPTER_CONFIG} is not a valid peft adapter config: {error}") from None
     if not isinstance(config, LoraConfig):
         raise InputError(
-            f"the adapter in {adapter_dir} is of type {_peft_type_name(config)}; "
-            "only LoRA adapters can be merged"
+            f"the adapter in {adapter_dir} is of type {_peft_type_name(config)}; only LoRA adapters can be merged"
         )
     return config
 
@@ -274,11 +265,7 @@ def check_target_modules(config: LoraConfig, model: PreTrainedModel) -> None:
     if any(check_target_module_exists(config, name) for name in names):
         return
     linear_leaves = sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear)
-        }
+        {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     )
     targets = config.target_modules
     shown = ", ".join(sorted(targets)) if isinstance(targets, (set, list, tuple)) else repr(targets)
@@ -306,9 +293,7 @@ def check_adapter_shapes(
             if target not in parameters:
                 problems.append(f"{target}: not a parameter of the base")
             elif parameters[target] != shape:
-                problems.append(
-                    f"{target}: adapter has shape {list(shape)}, base has {list(parameters[target])}"
-                )
+                problems.append(f"{target}: adapter has shape {list(shape)}, base has {list(parameters[target])}")
                 kinds.add(_mismatch_kind(parameters[target], shape, model.config))
             continue
         module_name = _strip_wrappers(name.split(marker, 1)[0])
@@ -318,9 +303,7 @@ def check_adapter_shapes(
         dims = _module_dims(modules[module_name])
         expected = None if dims is None else _expected_lora_shape(marker, dims, rank_of(module_name))
         if expected is not None and expected != shape:
-            problems.append(
-                f"{module_name}{marker}: adapter has shape {list(shape)}, the base needs {list(expected)}"
-            )
+            problems.append(f"{module_name}{marker}: adapter has shape {list(shape)}, the base needs {list(expected)}")
             kinds.add(_mismatch_kind(expected, shape, model.config))
     if problems:
         listed = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
@@ -395,9 +378,7 @@ def max_abs_diff(left: Sequence[torch.Tensor], right: Sequence[torch.Tensor]) ->
     return max(float((a - b).abs().max()) for a, b in zip(left, right, strict=True))
 
 
-def tolerance_for(
-    dtype: str, max_abs_reference_logit: float, override: float | None
-) -> tuple[float, float, float]:
+def tolerance_for(dtype: str, max_abs_reference_logit: float, override: float | None) -> tuple[float, float, float]:
     """(tolerance, atol, rtol) for `dtype`; an explicit `override` replaces the computed tolerance."""
     atol, rtol = TOLERANCES[dtype]
     tolerance = atol + rtol * max_abs_reference_logit if override is None else override
@@ -444,8 +425,7 @@ def build_manifest(
         "device": device.type,
         "device_name": device_name(device),
         "weights": {
-            name: {"sha256": digest, "bytes": (out_dir / name).stat().st_size}
-            for name, digest in weights.items()
+            name: {"sha256": digest, "bytes": (out_dir / name).stat().st_size} for name, digest in weights.items()
         },
         "verification": asdict(verification),
         "versions": library_versions(),
@@ -453,9 +433,7 @@ def build_manifest(
     }
 
 
-def save_merged(
-    model: PreTrainedModel, tokenizer: transformers.PreTrainedTokenizerBase, out_dir: Path
-) -> None:
+def save_merged(model: PreTrainedModel, tokenizer: transformers.PreTrainedTokenizerBase, out_dir: Path) -> None:
     """Weights as safetensors plus tokenizer, chat template and generation config."""
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
@@ -489,7 +467,7 @@ def merge_adapter(
     out_dir: Path,
     dtype: str = "float32",
     force: bool = False,
-    progress: Progress = stderr_progress("merge"),
+    progress: Progress | None = None,
     tolerance: float | None = None,
     device: str = "cpu",
 ) -> MergeResult:
@@ -500,10 +478,9 @@ def merge_adapter(
     bad inputs or an unusable device, and `VerificationError` (carrying the result) when logits
     disagree.
     """
+    progress = progress or stderr_progress("merge")
     with quiet_transformers_progress():
-        return _merge(
-            Path(base_dir), Path(adapter_dir), Path(out_dir), dtype, force, progress, tolerance, device
-        )
+        return _merge(Path(base_dir), Path(adapter_dir), Path(out_dir), dtype, force, progress, tolerance, device)
 
 
 def _merge(
@@ -633,15 +610,9 @@ def _finish(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `student merge`."""
-    parser.add_argument(
-        "--base", type=Path, required=True, help="base model directory (transformers save_pretrained)"
-    )
-    parser.add_argument(
-        "--adapter", type=Path, required=True, help="LoRA adapter directory (peft save_pretrained)"
-    )
-    parser.add_argument(
-        "--out", type=Path, required=True, help="directory for the merged model (must be new or empty)"
-    )
+    parser.add_argument("--base", type=Path, required=True, help="base model directory (transformers save_pretrained)")
+    parser.add_argument("--adapter", type=Path, required=True, help="LoRA adapter directory (peft save_pretrained)")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the merged model (must be new or empty)")
     parser.add_argument(
         "--dtype",
         choices=tuple(DTYPES),

@@ -54,9 +54,7 @@ def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out_
     return out_dir
 
 
-def build_random_llama(
-    tokenizer: PreTrainedTokenizerFast, out_dir: Path, seed: int = 0, **config_kwargs: int
-) -> Path:
+def build_random_llama(tokenizer: PreTrainedTokenizerFast, out_dir: Path, seed: int = 0, **config_kwargs: int) -> Path:
     """Build and save a random-weight Llama for `tokenizer`; deterministic for a given seed."""
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(tokenizer, **config_kwargs))

@@ -154,7 +154,7 @@ def stderr_progress(prefix: str) -> Progress:
 def parse_chat_sample(row: object, where: str) -> ChatSample:
     """Validate one decoded JSONL row; `where` (e.g. "data.jsonl line 3") goes into errors."""
     if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
-        raise DatasetError(f"{where}: expected an object with a \"messages\" list")
+        raise DatasetError(f'{where}: expected an object with a "messages" list')
     messages = []
     for index, message in enumerate(row["messages"]):
         if not isinstance(message, dict):
@@ -163,10 +163,10 @@ def parse_chat_sample(row: object, where: str) -> ChatSample:
         if role not in ROLES:
             raise DatasetError(f"{where}: message {index} has role {role!r}; expected one of {ROLES}")
         if not isinstance(content, str):
-            raise DatasetError(f"{where}: message {index} has no text \"content\"")
+            raise DatasetError(f'{where}: message {index} has no text "content"')
         messages.append(Message(role, content))
     if not messages:
-        raise DatasetError(f"{where}: \"messages\" is empty")
+        raise DatasetError(f'{where}: "messages" is empty')
     topic = row.get("topic")
     return ChatSample(tuple(messages), topic if isinstance(topic, str) else None)
 
@@ -193,17 +193,13 @@ def load_chat_jsonl(path: Path) -> list[ChatSample]:
     return samples
 
 
-def _render(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool
-) -> str:
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     if not messages:
         return ""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def assistant_spans(
-    tokenizer: PreTrainedTokenizerBase, sample: ChatSample
-) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer: PreTrainedTokenizerBase, sample: ChatSample) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans [start, end) of its assistant turns."""
     messages = sample.as_dicts()
     text = _render(tokenizer, messages, generation_prompt=False)
@@ -234,7 +230,7 @@ def encode_sample(
     )
     input_ids = encoding["input_ids"]
     labels = []
-    for token_id, (start, _end) in zip(input_ids, encoding["offset_mapping"]):
+    for token_id, (start, _end) in zip(input_ids, encoding["offset_mapping"], strict=True):
         trained = loss_on == "all" or any(span_start <= start < span_end for span_start, span_end in spans)
         labels.append(token_id if trained else IGNORE_INDEX)
     return EncodedSample(tuple(input_ids), tuple(labels))
@@ -246,14 +242,10 @@ def encode_samples(
     """Encode all samples, dropping those with fewer than two tokens or no trained token."""
     encoded = (encode_sample(tokenizer, sample, max_length, loss_on) for sample in samples)
     kept = [
-        item
-        for item in encoded
-        if len(item.input_ids) > 1 and any(label != IGNORE_INDEX for label in item.labels[1:])
+        item for item in encoded if len(item.input_ids) > 1 and any(label != IGNORE_INDEX for label in item.labels[1:])
     ]
     if not kept:
-        raise TrainingError(
-            f"none of the {len(samples)} samples has an assistant token within {max_length} tokens"
-        )
+        raise TrainingError(f"none of the {len(samples)} samples has an assistant token within {max_length} tokens")
     return kept
 
 
@@ -348,7 +340,7 @@ def train_causal_lm(
     tokenizer: PreTrainedTokenizerBase,
     samples: Sequence[ChatSample],
     config: TrainConfig,
-    progress: Progress = stderr_progress("train"),
+    progress: Progress | None = None,
     phase: str = "training",
     on_step: Callable[[int, float], None] | None = None,
     checkpointing: Checkpointing | None = None,
@@ -360,6 +352,7 @@ def train_causal_lm(
     With `checkpointing`, a matching checkpoint is resumed and a new one saved every so often;
     it is deleted once training has finished.
     """
+    progress = progress or stderr_progress("train")
     started_s = time.monotonic()
     encoded = encode_samples(tokenizer, samples, config.max_length, config.loss_on)
     steps = total_steps(config, len(encoded))
@@ -388,9 +381,7 @@ def train_causal_lm(
             batch = _to_device(collate([encoded[index] for index in indices], pad_token_id), device)
             loss = model(**batch).loss
             if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"{phase}: loss became {loss.item()} at step {step}; lower the learning rate"
-                )
+                raise TrainingError(f"{phase}: loss became {loss.item()} at step {step}; lower the learning rate")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()

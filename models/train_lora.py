@@ -136,7 +136,7 @@ def load_tokenizer(base_dir: Path) -> PreTrainedTokenizerBase:
         raise TrainLoraError(
             f"the tokenizer in {base_dir} has no chat template, so chats cannot be rendered for training; "
             "add the template of the chat model this base belongs to: a chat_template.jinja file in "
-            f"{base_dir}, or a \"chat_template\" entry in its tokenizer_config.json "
+            f'{base_dir}, or a "chat_template" entry in its tokenizer_config.json '
             "(tokenizer.chat_template = ...; tokenizer.save_pretrained(DIR) writes it)"
         )
     return tokenizer
@@ -192,7 +192,7 @@ def load_samples(path: Path, reasoning: ReasoningMode) -> tuple[list[ChatSample]
         changed = [without_reasoning(sample) for sample in samples]
     else:
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-        changed = [with_reasoning(sample, row.get("reasoning")) for sample, row in zip(samples, rows)]
+        changed = [with_reasoning(sample, row.get("reasoning")) for sample, row in zip(samples, rows, strict=True)]
     return [sample for sample, _ in changed], sum(was_changed for _, was_changed in changed)
 
 
@@ -206,9 +206,7 @@ def _matches(target: str, names: Sequence[str]) -> bool:
     return any(name == target or name.endswith(f".{target}") for name in names)
 
 
-def check_targets(
-    model: torch.nn.Module, targets: Sequence[str], base_dir: Path, progress: Progress
-) -> None:
+def check_targets(model: torch.nn.Module, targets: Sequence[str], base_dir: Path, progress: Progress) -> None:
     """Every target missing from the base is reported; all missing is an error listing what exists."""
     if list(targets) == ["all-linear"]:
         return
@@ -266,7 +264,7 @@ def train_lora(
     dtype: str = "auto",
     reasoning: ReasoningMode = "inline",
     force: bool = False,
-    progress: Progress = stderr_progress("train-lora"),
+    progress: Progress | None = None,
     auto_warmup: bool = False,
     checkpoint_every: int = 0,
 ) -> TrainLoraResult:
@@ -278,6 +276,7 @@ def train_lora(
     Raises `TrainLoraError`, `DatasetError` or `TrainingError` with a message that says what to fix;
     nothing is written to `out_dir` unless training finished.
     """
+    progress = progress or stderr_progress("train-lora")
     with artifacts.quiet_transformers_progress():
         return _train_lora(
             Path(base_dir).resolve(),
@@ -328,7 +327,7 @@ def _train_lora(
     samples, changed = load_samples(data_path, reasoning)
     validation, _ = (None, 0) if validation_path is None else load_samples(validation_path, reasoning)
     if changed and reasoning == "inline":
-        progress(f"put the \"reasoning\" field into the answer of {changed} samples")
+        progress(f'put the "reasoning" field into the answer of {changed} samples')
     elif changed:
         progress(f"cut <think>…</think> out of the answers of {changed} samples (--reasoning drop)")
     if template_drops_reasoning(tokenizer, samples):

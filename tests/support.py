@@ -37,9 +37,7 @@ def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
 
 
 def post_json(url: str, body: dict, timeout_s: float = 120.0) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return response.status, json.loads(response.read())

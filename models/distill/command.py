@@ -97,9 +97,9 @@ from models.distill.teacher import (
     TeacherClient,
     TeacherConfig,
     TeacherError,
-    TeacherRejected,
+    TeacherRejectedError,
     TeacherReplyError,
-    TeacherUnavailable,
+    TeacherUnavailableError,
 )
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -405,11 +405,11 @@ class _Run:
         """Run one unit of work, turning teacher errors into recorded failures (or a fatal stop)."""
         try:
             await call()
-        except TeacherRejected as error:
+        except TeacherRejectedError as error:
             if error.fatal:
                 self.fatal = self.fatal or error
             self.fail(sample_id, task, topic, str(error))
-        except TeacherUnavailable as error:
+        except TeacherUnavailableError as error:
             self.fail(sample_id, task, topic, str(error), error.attempts)
         except (TeacherError, SampleError) as error:
             self.fail(sample_id, task, topic, str(error))
@@ -612,9 +612,9 @@ async def _preflight(teacher: TeacherClient) -> None:
     config = teacher.config
     try:
         served = await teacher.served_models(max_connection_retries=min(2, config.retry.max_retries))
-    except TeacherUnavailable as error:
+    except TeacherUnavailableError as error:
         raise DistillError(f"cannot reach the teacher: {error}") from None
-    except TeacherRejected as error:
+    except TeacherRejectedError as error:
         raise DistillError(str(error)) from None
     if served is not None and served and config.model not in served:
         raise DistillError(

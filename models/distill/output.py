@@ -108,7 +108,7 @@ class OutputFolder:
                     f"[distill] {name}: dropping a torn last line ({len(tail)} bytes) left by an interrupted run",
                     file=sys.stderr,
                 )
-        if end < len(data) or tail and not tail.strip():
+        if end < len(data) or (tail and not tail.strip()):
             os.truncate(path, end)
         for number, line in enumerate(data[:end].split(b"\n"), start=1):
             if not line.strip():

@@ -11,7 +11,7 @@ talks HTTP to it:
   present, plus up to `base_delay_s` of jitter so clients told the same time do not return
   together; otherwise it is exponential with jitter: a uniform draw in [d/2, d] with
   d = min(max_delay_s, base_delay_s * 2**retry). Other 4xx answers are not retried: they raise
-  `TeacherRejected` at once (401/403: the key; 404: the model or the URL).
+  `TeacherRejectedError` at once (401/403: the key; 404: the model or the URL).
 - **Usage.** Every reply's `usage` (prompt and completion tokens) is added to `TeacherUsage`,
   with the number of requests sent and retries by reason (the status code, "timeout",
   "connection").
@@ -50,7 +50,7 @@ class TeacherError(Exception):
     """The teacher could not give a usable reply; the message says why."""
 
 
-class TeacherUnavailable(TeacherError):
+class TeacherUnavailableError(TeacherError):
     """Transient failures (429, 5xx, timeouts, connection errors) outlasted every retry."""
 
     def __init__(self, message: str, attempts: int, reason: str):
@@ -59,7 +59,7 @@ class TeacherUnavailable(TeacherError):
         self.reason = reason
 
 
-class TeacherRejected(TeacherError):
+class TeacherRejectedError(TeacherError):
     """A 4xx answer that retrying cannot fix (bad key, unknown model, bad request)."""
 
     def __init__(self, message: str, status: int):
@@ -332,7 +332,7 @@ class TeacherClient:
         """
         try:
             _status, body, _attempts = await self._send("GET", "/models", None, max_connection_retries)
-        except TeacherRejected as error:
+        except TeacherRejectedError as error:
             if error.status in (404, 405):
                 return None
             raise
@@ -387,8 +387,8 @@ class TeacherClient:
             if isinstance(failure, tuple):
                 return (*failure, retry + 1)
             unreachable = failure.reason in ("connection", "timeout")
-            if retry >= retries_allowed or unreachable and retry >= connection_retries_allowed:
-                raise TeacherUnavailable(
+            if retry >= retries_allowed or (unreachable and retry >= connection_retries_allowed):
+                raise TeacherUnavailableError(
                     f"teacher at {self.config.base_url} failed {retry + 1} time(s); last: {failure.detail}",
                     attempts=retry + 1,
                     reason=failure.reason,
@@ -421,7 +421,7 @@ class TeacherClient:
             return _Attempt(str(status), detail, retry_after_s)
         if status in (401, 403):
             detail += self._key_hint()
-        raise TeacherRejected(f"teacher at {self.config.base_url} refused {method} {path}: {detail}", status)
+        raise TeacherRejectedError(f"teacher at {self.config.base_url} refused {method} {path}: {detail}", status)
 
     def _key_hint(self) -> str:
         """What to check after a 401/403, without ever showing the key."""

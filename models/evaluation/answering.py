@@ -25,8 +25,8 @@ from models.distill.teacher import (
     TeacherClient,
     TeacherConfig,
     TeacherError,
-    TeacherRejected,
-    TeacherUnavailable,
+    TeacherRejectedError,
+    TeacherUnavailableError,
 )
 from models.evaluation.errors import EvalError
 from models.evaluation.eval_set import EvalItem
@@ -108,9 +108,9 @@ async def resolve_model(target: Target) -> Target:
     async with TeacherClient(target.client_config(timeout_s=30.0)) as client:
         try:
             served = await client.served_models(max_connection_retries=PREFLIGHT_CONNECTION_RETRIES)
-        except TeacherUnavailable as error:
+        except TeacherUnavailableError as error:
             raise EvalError(f"cannot reach target {target.label}: {client_error_text(error)}") from None
-        except TeacherRejected as error:
+        except TeacherRejectedError as error:
             raise EvalError(f"target {target.label}: {client_error_text(error)}") from None
     if target.model is not None:
         if served and target.model not in served:
@@ -147,11 +147,11 @@ async def answer_item(client: TeacherClient, item: EvalItem, max_tokens: int) ->
     started_s = time.perf_counter()
     try:
         reply = await client.chat(item.messages, max_tokens=max_tokens, temperature=TEMPERATURE)
-    except TeacherRejected as error:
+    except TeacherRejectedError as error:
         if error.fatal:
             raise EvalError(client_error_text(error)) from None
         return Answer(item.id, "", None, None, None, None, 1, client_error_text(error))
-    except TeacherUnavailable as error:
+    except TeacherUnavailableError as error:
         return Answer(item.id, "", None, None, None, None, error.attempts, client_error_text(error))
     except TeacherError as error:
         return Answer(item.id, "", None, None, None, None, 1, client_error_text(error))

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from models.arguments import non_negative_float, positive_int
-from models.distill.teacher import TeacherClient, TeacherRejected
+from models.distill.teacher import TeacherClient, TeacherRejectedError
 from models.evaluation.answering import Target, answer_items, api_base, client_error_text, resolve_model
 from models.evaluation.cost import fetch_stats, gateway_energy, not_measured, parse_price, token_cost
 from models.evaluation.errors import EvalError
@@ -325,7 +325,7 @@ async def evaluate(plan: EvalPlan) -> tuple[list[TargetRun], EvalPlan]:
     if judge is not None:
         try:
             await judge_runs(plan, judge, runs)
-        except TeacherRejected as error:
+        except TeacherRejectedError as error:
             raise EvalError(f"the judge: {client_error_text(error)}") from None
     return runs, plan
 

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from models.distill.teacher import TeacherClient, TeacherError, TeacherRejected
+from models.distill.teacher import TeacherClient, TeacherError, TeacherRejectedError
 from models.evaluation.answering import client_error_text
 
 Verdict = Literal["A", "B", "tie"]
@@ -191,7 +191,7 @@ class Judge:
         messages = judge_messages(question, answer_a, answer_b)
         try:
             reply = await self._chat(messages)
-        except TeacherRejected as error:
+        except TeacherRejectedError as error:
             if error.fatal:
                 raise
             return OrderVerdict(order, "", None, None, client_error_text(error))
@@ -204,7 +204,7 @@ class Judge:
         if self.structured:
             try:
                 return await self._send(True, messages)
-            except TeacherRejected as error:
+            except TeacherRejectedError as error:
                 if error.status != 400:
                     raise
                 self.structured = False  # the server does not take response_format: plain replies from now on

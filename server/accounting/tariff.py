@@ -6,10 +6,11 @@ Defaults and where they come from:
   from the tariff in force since 10 May 2025. A 24/7 GPU box usually lands in that tier or
   above; put the marginal price from your own bill in `STUDENT_PRICE_PER_KWH`.
 * USD rate: 25,000 VND per USD, the rate the article uses.
-* API prices (USD per million tokens) are the table of the article this project follows (its "Bảng So Sánh Chi Phí"): GPT-4.1 $8,
-  Claude Sonnet 4.5 $15, DeepSeek V3.2 $0.42. The article gives one price per model and applies
-  it to all tokens, so input and output default to the same number; set real input/output prices
-  in `STUDENT_API_PRICES` (JSON) when you compare with a price list.
+* API prices (USD per million tokens) are the table of the article this project follows (its
+  "Bảng So Sánh Chi Phí"): GPT-4.1 $8, Claude Sonnet 4.5 $15, DeepSeek V3.2 $0.42. The article
+  gives one price per model and applies it to all tokens, so input and output default to the
+  same number; set real input/output prices in `STUDENT_API_PRICES` (JSON) when you compare with
+  a price list.
 * Wall-power factor 1.0: the measured device only (GPU or CPU package). A factor above 1 adds the
   rest of the box (PSU losses, CPU, RAM, fans) as an estimate, and every output says it is one.
 """

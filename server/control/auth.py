@@ -131,11 +131,12 @@ class TokenLimiter:
         if self._expire(name, now_s) < self.per_minute:
             return 0.0
         over = self._totals[name] - self.per_minute  # under again once more than this has expired
-        for finished_s, tokens in self._spent[name]:
+        spent = self._spent[name]
+        for finished_s, tokens in spent:
             over -= tokens
             if over < 0:
-                break
-        return finished_s + self.window_s - now_s
+                return finished_s + self.window_s - now_s
+        return spent[-1][0] + self.window_s - now_s
 
     def tokens_in_window(self, name: str, now_s: float) -> int:
         return self._expire(name, now_s)
@@ -209,14 +210,16 @@ class AccessMiddleware:
             return
         await self._app(scope, receive, send)
 
-    def _check_api(self, scope: Scope):  # noqa: ANN202  an ASGI response or None
+    def _check_api(self, scope: Scope):
         name = "anonymous"
         if self._digests:
             presented = _bearer(scope)
             found = key_name(self._digests, presented) if presented else None
             if found is None:
                 message = "invalid API key" if presented else "missing API key: send Authorization: Bearer KEY"
-                return error_response(401, message, type_="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+                return error_response(
+                    401, message, type_="authentication_error", headers={"WWW-Authenticate": "Bearer"}
+                )
             name = found
         scope.setdefault("state", {})["api_key_name"] = name
         now_s = time.monotonic()
@@ -241,12 +244,16 @@ class AccessMiddleware:
                 )
         return None
 
-    def _check_observer(self, scope: Scope):  # noqa: ANN202
+    def _check_observer(self, scope: Scope):
         if self._observability == "localhost" and not _is_loopback(scope):
             return error_response(403, f"{scope['path']} is served to localhost only", type_="permission_error")
         if self._observability == "key":
             presented = _bearer(scope)
             if presented is None or key_name(self._digests, presented) is None:
-                return error_response(401, "this page needs an API key", type_="authentication_error",
-                                      headers={"WWW-Authenticate": "Bearer"})
+                return error_response(
+                    401,
+                    "this page needs an API key",
+                    type_="authentication_error",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
         return None

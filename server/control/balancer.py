@@ -41,7 +41,6 @@ DEFAULT_FAILURES_TO_EJECT = 3
 DEFAULT_COOLDOWN_S = 10.0
 
 
-
 @dataclass(frozen=True, slots=True)
 class Unhealthy:
     """A failed health check: why, in plain language, and whether that alone is enough to eject
@@ -55,7 +54,7 @@ class Unhealthy:
 Probe = Callable[[str], Awaitable[Unhealthy | None]]
 
 
-class NoHealthyReplica(Exception):
+class NoHealthyReplicaError(Exception):
     """Every replica is ejected; the message says why each one is."""
 
 
@@ -140,7 +139,7 @@ class Balancer:
     def pick(self, exclude: Collection[Replica] = ()) -> Replica:
         """The healthy replica (not in `exclude`) with the fewest requests in flight; count one more.
 
-        Raises NoHealthyReplica when there is none. Every pick needs exactly one `release`.
+        Raises NoHealthyReplicaError when there is none. Every pick needs exactly one `release`.
         """
         replicas = self.replicas
         count = len(replicas)
@@ -152,7 +151,7 @@ class Balancer:
             if replica.healthy and (best is None or replica.outstanding < best.outstanding) and replica not in exclude:
                 best = replica
         if best is None:
-            raise NoHealthyReplica(self.unhealthy_reasons())
+            raise NoHealthyReplicaError(self.unhealthy_reasons())
         best.outstanding += 1
         best.requests += 1
         return best

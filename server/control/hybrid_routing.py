@@ -74,7 +74,7 @@ class RouteDecision:
     reason: str  # header, model, keyword:<kw>, fallback:not-ready, fallback:capacity, default
 
 
-class BadRouteHeader(ValueError):
+class BadRouteHeaderError(ValueError):
     """The route header holds something other than `local` or `remote`."""
 
 
@@ -84,13 +84,13 @@ def decide(
     """Where one request goes, and why. `headers`: names in lower case (as ASGI has them);
     `payload`: the parsed body (None when it is not a JSON object: the rules on it are skipped).
 
-    Raises BadRouteHeader for a route header that is neither `local` nor `remote`.
+    Raises BadRouteHeaderError for a route header that is neither `local` nor `remote`.
     """
     asked = headers.get(rules.header.lower())
     if asked is not None:
         route = asked.strip().lower()
         if route not in ROUTES:
-            raise BadRouteHeader(f"{rules.header} must be 'local' or 'remote', got {asked[:40]!r}")
+            raise BadRouteHeaderError(f"{rules.header} must be 'local' or 'remote', got {asked[:40]!r}")
         return RouteDecision(route, "header")  # type: ignore[arg-type]
     if payload is not None:
         model = payload.get("model")
@@ -176,7 +176,7 @@ class RouteMiddleware:
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
         try:
             decision = decide(self._rules, headers, _json_object(body), self._local_state())
-        except BadRouteHeader as exc:
+        except BadRouteHeaderError as exc:
             await error_response(400, str(exc))(scope, _replay(messages, receive), send)
             return
         scope.setdefault("state", {})[SCOPE_KEY] = decision

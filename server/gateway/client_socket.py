@@ -35,7 +35,7 @@ class GatewayApp(FastAPI):
 class ChunkWriter:
     """Chunked-encoding writes on the client's transport for one response already started."""
 
-    __slots__ = ("_cycle", "_transport", "_flow")
+    __slots__ = ("_cycle", "_flow", "_transport")
 
     def __init__(self, cycle: Any):
         self._cycle = cycle

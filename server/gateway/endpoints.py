@@ -9,13 +9,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.control.hybrid_routing import routed_remote
 from server.gateway.catalog import ModelCatalog
 from server.gateway.errors import REFUSALS, error_response
 from server.gateway.proxy import UpstreamProxy
-from server.telemetry.recorder import RequestRecorder
-from server.control.hybrid_routing import routed_remote
-from server.telemetry.stats import MAX_WINDOW_S
-from server.runtime.vllm_supervisor import VllmSupervisor
 from server.gateway.validation import (
     ChatRequest,
     CompletionRequest,
@@ -26,6 +23,9 @@ from server.gateway.validation import (
     validate_chat,
     validate_completion,
 )
+from server.runtime.vllm_supervisor import VllmSupervisor
+from server.telemetry.recorder import RequestRecorder
+from server.telemetry.stats import MAX_WINDOW_S
 
 
 def get_proxy(request: Request) -> UpstreamProxy:

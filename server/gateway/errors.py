@@ -93,9 +93,7 @@ def normalize_upstream_error(status: int, body: bytes) -> dict[str, Any]:
     if isinstance(payload, dict):
         inner = payload.get("error")
         if isinstance(inner, dict) and "message" in inner:
-            return error_body(
-                status, str(inner["message"]), inner.get("type"), inner.get("param"), inner.get("code")
-            )
+            return error_body(status, str(inner["message"]), inner.get("type"), inner.get("param"), inner.get("code"))
         if "message" in payload:
             return error_body(
                 status, str(payload["message"]), payload.get("type"), payload.get("param"), payload.get("code")

@@ -12,8 +12,8 @@ import asyncio
 import json
 import operator
 import time
-from dataclasses import dataclass, field
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
@@ -22,13 +22,13 @@ from fastapi.responses import JSONResponse
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from server.control.balancer import Balancer, NoHealthyReplica, Replica
+from server.control.balancer import Balancer, NoHealthyReplicaError, Replica
+from server.control.hybrid_routing import SCOPE_KEY as ROUTE_SCOPE_KEY
 from server.gateway.client_socket import ChunkWriter
 from server.gateway.errors import error_body, error_response, normalize_upstream_error
+from server.gateway.sse import EventSplitter
 from server.runtime.settings import Settings
 from server.telemetry.recorder import RequestRecorder
-from server.control.hybrid_routing import SCOPE_KEY as ROUTE_SCOPE_KEY
-from server.gateway.sse import EventSplitter
 from server.telemetry.request_record import RequestRecord, StreamObserver, request_usage_in_stream, take_usage_from_body
 
 T = TypeVar("T")
@@ -36,8 +36,18 @@ T = TypeVar("T")
 # Hop-by-hop headers (RFC 9110 §7.6.1) plus those the gateway recomputes itself.
 _DROP_REQUEST_HEADERS = frozenset(
     {
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-        "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "accept-encoding",
     }
 )
 _DROP_RESPONSE_HEADERS = _DROP_REQUEST_HEADERS | {"content-encoding", "date", "server"}
@@ -46,7 +56,7 @@ CLIENT_CLOSED_REQUEST = 499
 _DONE = b"data: [DONE]"
 
 
-class ClientDisconnected(Exception):
+class ClientDisconnectedError(Exception):
     """The downstream client went away before the answer was complete."""
 
 
@@ -139,7 +149,7 @@ class UpstreamProxy:
             recorder.begin(record)
         try:
             replica = self.balancer.pick()
-        except NoHealthyReplica as exc:
+        except NoHealthyReplicaError as exc:
             return self._finish(record, no_healthy_replica(exc))
         record.upstream = replica.base_url  # from here on, `_finished` releases the replica
         tried: list[Replica] = []
@@ -155,7 +165,7 @@ class UpstreamProxy:
             try:
                 upstream = await _unless_disconnected(request, sending, wait_s)
                 break
-            except ClientDisconnected:
+            except ClientDisconnectedError:
                 return self._finish(record, Response(status_code=CLIENT_CLOSED_REQUEST))
             except asyncio.TimeoutError as exc:  # (aiohttp's timeouts too) the replica may be at work
                 return self._finish(record, upstream_failure(exc))
@@ -163,7 +173,7 @@ class UpstreamProxy:
                 tried.append(replica)
                 try:
                     other = self.balancer.pick(exclude=tried)
-                except NoHealthyReplica:
+                except NoHealthyReplicaError:
                     return self._finish(record, upstream_failure(exc, before_answer=True))
                 refused = isinstance(exc, aiohttp.ClientConnectorError)
                 self.balancer.release(replica, upstream_failure(exc, before_answer=True).status_code, refused=refused)
@@ -185,7 +195,7 @@ class UpstreamProxy:
         """Forward a bodiless GET (e.g. /v1/models) to a healthy replica."""
         try:
             replica = self.balancer.pick()
-        except NoHealthyReplica as exc:
+        except NoHealthyReplicaError as exc:
             return no_healthy_replica(exc)
         response: Response | None = None
         try:
@@ -235,7 +245,7 @@ class UpstreamProxy:
     ) -> Response:
         try:
             content = await _unless_disconnected(request, upstream.read())
-        except ClientDisconnected:
+        except ClientDisconnectedError:
             return self._finish(record, Response(status_code=CLIENT_CLOSED_REQUEST))
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return self._finish(record, upstream_failure(exc))
@@ -370,7 +380,7 @@ class StreamWatch:
     not read upstream, so that time is not the upstream's silence.
     """
 
-    __slots__ = ("last_s", "sending", "_content", "_timeouts", "_handle")
+    __slots__ = ("_content", "_handle", "_timeouts", "last_s", "sending")
 
     def __init__(self, content: aiohttp.StreamReader, started_s: float, timeouts: StreamTimeouts):
         self.last_s: float | None = None
@@ -392,7 +402,9 @@ class StreamWatch:
         silent_s = now_s - self.last_s
         limit_s = self._timeouts.inter_token_s
         if silent_s >= limit_s:
-            self._content.set_exception(UpstreamSilent(f"the upstream sent nothing for {silent_s:.1f} s (limit {limit_s:g} s)"))
+            self._content.set_exception(
+                UpstreamSilent(f"the upstream sent nothing for {silent_s:.1f} s (limit {limit_s:g} s)")
+            )
             return
         self._handle = asyncio.get_running_loop().call_later(limit_s - silent_s, self._check)
 
@@ -479,7 +491,7 @@ def _new_record(path: str, upstream: str, payload: dict[str, Any] | None) -> Req
     return RequestRecord(path, upstream, payload.get("stream") is True, model if isinstance(model, str) else None)
 
 
-def no_healthy_replica(exc: NoHealthyReplica) -> Response:
+def no_healthy_replica(exc: NoHealthyReplicaError) -> Response:
     return error_response(503, f"upstream unavailable: no healthy replica: {exc}", headers={"Retry-After": "5"})
 
 
@@ -511,7 +523,7 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 async def _unless_disconnected(request: Request, awaitable: Awaitable[T], timeout_s: float | None = None) -> T:
     """Await `awaitable` unless the client disconnects first or `timeout_s` passes (then cancel
-    it and raise ClientDisconnected or UpstreamSilent)."""
+    it and raise ClientDisconnectedError or UpstreamSilent)."""
     work: asyncio.Future[T] = asyncio.ensure_future(awaitable)
     watch = asyncio.ensure_future(_wait_disconnect(request.receive))
     try:
@@ -523,5 +535,5 @@ async def _unless_disconnected(request: Request, awaitable: Awaitable[T], timeou
     work.cancel()
     await asyncio.gather(work, return_exceptions=True)
     if watch.done() and not watch.cancelled():
-        raise ClientDisconnected
+        raise ClientDisconnectedError
     raise UpstreamSilent(f"the upstream did not start answering in {timeout_s:g} s")

@@ -31,6 +31,7 @@ PyTorch and pynvml are imported where they are used (or passed in as `torch`), n
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import threading
@@ -504,8 +505,8 @@ class Collector:
 
 def _changes(values: Sequence[tuple[float, float]]) -> dict[str, Any]:
     """How often a series of (time, value) actually changed value: distinct updates and their spacing."""
-    change_times = [t for (t0, v0), (t, v) in zip(values, values[1:]) if v != v0]
-    spacing = [b - a for a, b in zip(change_times, change_times[1:])]
+    change_times = [t for (t0, v0), (t, v) in itertools.pairwise(values) if v != v0]
+    spacing = [b - a for a, b in itertools.pairwise(change_times)]
     return {
         "updates": len(change_times),
         "median_update_interval_ms": statistics.median(spacing) * 1e3 if spacing else None,
@@ -525,7 +526,7 @@ def compare_counter_and_instant(readings: Sequence[Reading]) -> dict[str, Any]:
     counter_j = usable[-1].energy_j - usable[0].energy_j  # type: ignore[operator]
     integral_j = math.fsum(
         (a.power_w + b.power_w) / 2 * (b.time_s - a.time_s)  # type: ignore[operator]
-        for a, b in zip(usable, usable[1:])
+        for a, b in itertools.pairwise(usable)
     )
     return {
         "readings": len(usable),
@@ -537,7 +538,9 @@ def compare_counter_and_instant(readings: Sequence[Reading]) -> dict[str, Any]:
         "instant_mean_w": integral_j / duration_s if duration_s else None,
         "diff_pct": 100.0 * (integral_j - counter_j) / counter_j if counter_j > 0 else None,
         "counter_resets": sum(
-            1 for a, b in zip(usable, usable[1:]) if b.energy_j < a.energy_j  # type: ignore[operator]
+            1
+            for a, b in itertools.pairwise(usable)
+            if b.energy_j < a.energy_j  # type: ignore[operator]
         ),
         "counter": _changes([(r.time_s, r.energy_j) for r in usable]),  # type: ignore[misc]
         "instant": _changes([(r.time_s, r.power_w) for r in usable]),  # type: ignore[misc]
@@ -624,9 +627,7 @@ def run_duty_phases(
         if name == "0%" and idle_end_s is not None:
             rest = collector.phase_readings(name, idle_end_s)
             zero_rest_w = compare_counter_and_instant(rest)["counter_mean_w"] if len(rest) >= 3 else None
-    return PhaseRun(
-        phases, idle_meter.snapshot(), idle_started_s, idle_end_s, zero_rest_w, calibration, idle_window_s
-    )
+    return PhaseRun(phases, idle_meter.snapshot(), idle_started_s, idle_end_s, zero_rest_w, calibration, idle_window_s)
 
 
 def _pct(value: float | None) -> str:
@@ -752,9 +753,7 @@ class RequestWork:
         stream.synchronize()
 
 
-def run_requests(
-    meter: EnergyMeter, work: RequestWork, requests: Sequence[SyntheticRequest]
-) -> list[SyntheticRequest]:
+def run_requests(meter: EnergyMeter, work: RequestWork, requests: Sequence[SyntheticRequest]) -> list[SyntheticRequest]:
     """Each request in its own thread: start, its tokens (reported one by one, or not), finish."""
     errors: list[BaseException] = []
     begin = threading.Barrier(len(requests))
@@ -979,4 +978,3 @@ def gpu_checks(phase_seconds: float, attribution_seconds: float) -> list[CheckRe
         if device is not None:
             torch.cuda.empty_cache()
     return results
-

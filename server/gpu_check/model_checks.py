@@ -148,9 +148,7 @@ def merge_checks(workdir: Path) -> list[CheckResult]:
         )
     cpu, cuda = results
     if cpu.status == "passed" and cuda.status == "passed":
-        cuda.metrics["same_weight_bytes_as_cpu_merge"] = (
-            cpu.metrics["weight_sha256"] == cuda.metrics["weight_sha256"]
-        )
+        cuda.metrics["same_weight_bytes_as_cpu_merge"] = cpu.metrics["weight_sha256"] == cuda.metrics["weight_sha256"]
 
     def train_on_cuda() -> Outcome:
         cuda_device()

@@ -27,7 +27,7 @@ def say(message: str) -> None:
     print(f"[gpu-check {elapsed_s():6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-class Skip(Exception):
+class Skip(Exception):  # noqa: N818  a signal to skip a check, as pytest.skip, not an error
     """This check cannot run on this machine; the message says why."""
 
 
@@ -67,7 +67,13 @@ def run_check(name: str, part: str, title: str, body: Callable[[], Outcome]) -> 
     except Exception as error:  # a broken check must not hide the others
         detail = traceback.format_exc(limit=-3)
         result = CheckResult(
-            name, part, title, "error", "–", f"{type(error).__name__}: {error}", time.monotonic() - started_s,
+            name,
+            part,
+            title,
+            "error",
+            "–",
+            f"{type(error).__name__}: {error}",
+            time.monotonic() - started_s,
             {"traceback": detail},
         )
     else:

@@ -97,7 +97,7 @@ def format_table(results: Sequence[CheckResult]) -> str:
     headers = ("check", "part", "status", "time s", "result")
     rows = [(r.name, r.part, r.status, f"{r.elapsed_s:.1f}", r.summary) for r in results]
     widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
-    line = "  ".join("{:<%d}" % w for w in widths[:-1]) + "  {}"
+    line = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
     out = [line.format(*headers), line.format(*("-" * w for w in widths))]
     out += [line.format(*row) for row in rows]
     notes = [f"  {r.name} ({r.status}): {r.reason}" for r in results if r.reason]
@@ -114,7 +114,13 @@ def guarded(name: str, checks: Callable[[], list[CheckResult]]) -> list[CheckRes
         say(f"{name}: broke: {type(error).__name__}: {error}")
         return [
             CheckResult(
-                name, "gpu", "the group of checks itself", "error", "–", f"{type(error).__name__}: {error}", 0.0,
+                name,
+                "gpu",
+                "the group of checks itself",
+                "error",
+                "–",
+                f"{type(error).__name__}: {error}",
+                0.0,
                 {"traceback": traceback.format_exc(limit=-3)},
             )
         ]

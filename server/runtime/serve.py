@@ -20,8 +20,8 @@ from pathlib import Path
 import uvicorn
 from pydantic import ValidationError
 
-from server.gateway.app import create_app
 from server.control.auth import KeyFileError, load_keys
+from server.gateway.app import create_app
 from server.runtime.profiles import profile_settings
 from server.runtime.serve_flags import add_setting_flags, flag_overrides
 from server.runtime.settings import Settings
@@ -29,6 +29,7 @@ from server.runtime.stop_signals import EXIT_CODES_HELP, GatewayServer, StopSign
 from server.runtime.vllm_supervisor import VllmStartError, VllmSupervisor
 
 DEMO_STOP_TIMEOUT_S = 30.0  # an interrupted demo build cleans up, then is killed
+
 
 class ServeError(Exception):
     """A problem the user can fix (bad flag, busy port, missing model): printed, exit 1."""
@@ -193,9 +194,9 @@ def _print_usage(settings: Settings) -> None:
     _say(
         f"gateway starting. OpenAI-compatible API: {url} (model '{settings.served_model_name}')\n"
         f"  try: curl -N {url}/chat/completions -H 'Content-Type: application/json' -d "
-        f"'{{\"model\": \"{settings.served_model_name}\", \"stream\": true, "
-        f"\"messages\": [{{\"role\": \"user\", \"content\": \"Đơn hàng của tôi đang ở đâu?\"}}]}}'\n"
-        f"  or:  OpenAI(base_url=\"{url}\", api_key=\"unused\")   health: /health  ready: /ready\n"
+        f'\'{{"model": "{settings.served_model_name}", "stream": true, '
+        f'"messages": [{{"role": "user", "content": "Đơn hàng của tôi đang ở đâu?"}}]}}\'\n'
+        f'  or:  OpenAI(base_url="{url}", api_key="unused")   health: /health  ready: /ready\n'
         f"  measured: http://{settings.host}:{settings.port}/dashboard  /stats  /metrics   "
         f"ledger: {settings.ledger_path} (student report)"
     )
@@ -228,4 +229,3 @@ def _log_to_stderr() -> None:
 
 def _say(message: str) -> None:
     print(f"[student] {message}", file=sys.stderr, flush=True)
-

@@ -115,9 +115,13 @@ class VllmSupervisor:
             return "restarting", self._restarting_reason
         code = self._process.poll()
         if code is None:
-            return ("stopping", "vLLM is shutting down") if self._stopping else (
-                "running",
-                f"vLLM pid {self._process.pid}",
+            return (
+                ("stopping", "vLLM is shutting down")
+                if self._stopping
+                else (
+                    "running",
+                    f"vLLM pid {self._process.pid}",
+                )
             )
         return "exited", f"vLLM exited with code {code}; last log lines:\n{self.log_tail()}"
 
@@ -180,8 +184,7 @@ class VllmSupervisor:
             if time.monotonic() - started > limit_s:
                 self.stop()
                 raise VllmStartError(
-                    f"vLLM did not become healthy within {limit_s:g} s (stopped it). "
-                    f"Last log lines:\n{self.log_tail()}"
+                    f"vLLM did not become healthy within {limit_s:g} s (stopped it). Last log lines:\n{self.log_tail()}"
                 )
             if stop_requested.wait(poll_s):
                 return None
@@ -244,14 +247,19 @@ class VllmSupervisor:
             wait_s = self._restart_wait_s
             self._restart_wait_s = min(wait_s * 2, RESTART_BACKOFF_S[1])
             self._restarting_reason = f"vLLM exited with code {code}; restarting in {wait_s:g} s"
-            self._write(f"{LOG_PREFIX}exited unexpectedly with code {code}; restarting in {wait_s:g} s, requests get 503 meanwhile")
+            self._write(
+                f"{LOG_PREFIX}exited unexpectedly with code {code}; "
+                f"restarting in {wait_s:g} s, requests get 503 meanwhile"
+            )
             if self._stop_event.wait(wait_s):
                 return
             with self._lock:
                 if self._stopping:
                     return
                 self.restarts += 1
-                self._restarting_reason = f"vLLM is starting again after exiting with code {code} (restart {self.restarts})"
+                self._restarting_reason = (
+                    f"vLLM is starting again after exiting with code {code} (restart {self.restarts})"
+                )
                 self._launch()
             self._wait_recovered(self._process)
 

@@ -38,5 +38,6 @@ def percentiles(
     if mean:
         summary["mean"] = shown(float(np.mean(known))) if known else None
     figures = np.percentile(known, chosen).tolist() if known else [None] * len(chosen)
-    summary.update({f"p{point:g}": None if figure is None else shown(figure) for point, figure in zip(chosen, figures)})
+    for point, figure in zip(chosen, figures, strict=True):
+        summary[f"p{point:g}"] = None if figure is None else shown(figure)
     return summary

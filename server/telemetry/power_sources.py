@@ -262,7 +262,8 @@ class NvmlSource:
         try:
             energy_mj: float | None = 0.0
             power_mw = 0.0
-            for handle, has_counter, has_instant in zip(self._handles, self._has_counter, self._has_instant):
+            gpus = zip(self._handles, self._has_counter, self._has_instant, strict=True)
+            for handle, has_counter, has_instant in gpus:
                 if has_counter and energy_mj is not None:
                     energy_mj += pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
                 else:

@@ -99,7 +99,7 @@ class UsageWish:
 class StreamObserver:
     """Watches relayed SSE events: first content, usage, tokens as they come; shapes what the client gets."""
 
-    __slots__ = ("_record", "_wish", "_on_tokens", "_tokens_seen")
+    __slots__ = ("_on_tokens", "_record", "_tokens_seen", "_wish")
 
     def __init__(self, record: RequestRecord, wish: UsageWish, on_tokens: TokenSink | None = None):
         self._record = record
@@ -125,7 +125,7 @@ class StreamObserver:
                 return kept
         return self._keep_parsed(event)
 
-    def _keep_usage_in_place(self, event: bytes) -> bytes | None | object:
+    def _keep_usage_in_place(self, event: bytes) -> bytes | object | None:
         """`keep` for a compact vLLM chunk with a `"usage":{...}` member; `_UNSURE` if not one."""
         key = event.rfind(_USAGE_MEMBER)
         if key < 0 or not event.startswith(b"data: {"):

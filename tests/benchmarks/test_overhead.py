@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from benchmarks import vllm_bench
+from benchmarks.harness import DIRECT, GW_ON, Sample
 from benchmarks.overhead import (
     LITELLM,
     Block,
@@ -17,7 +18,6 @@ from benchmarks.overhead import (
     tpot_ms,
     tree_cpu_s,
 )
-from benchmarks.harness import DIRECT, GW_ON, Sample
 
 
 def block(target: str, requests: int, wall_s: float) -> Block:
@@ -68,7 +68,9 @@ def test_a_gateway_that_merges_events_or_changes_text_is_caught() -> None:
     direct = [StreamShape(130, "ab", 130, 0)]
     assert not shapes_verdict({DIRECT: direct, GW_ON: [StreamShape(129, "ab", 40, 20)]})[GW_ON]["preserved"]
     assert not shapes_verdict({DIRECT: direct, GW_ON: [StreamShape(130, "abc", 130, 0)]})[GW_ON]["preserved"]
-    assert shapes_verdict({DIRECT: direct, GW_ON: [StreamShape(130, "ab", 40, 20)]})[GW_ON]["more_multi_event_reads_than_direct"]
+    assert shapes_verdict({DIRECT: direct, GW_ON: [StreamShape(130, "ab", 40, 20)]})[GW_ON][
+        "more_multi_event_reads_than_direct"
+    ]
 
 
 def test_late_bursts_are_counted_and_left_out_of_the_streamed_ttft() -> None:
@@ -91,10 +93,18 @@ def test_the_block_command_is_vllm_bench_serve_and_its_detailed_result_is_read()
     shown = vllm_bench.shown(args)
     assert shown.startswith("vllm bench serve --backend openai-chat --base-url http://127.0.0.1:8000 ")
     assert "--ignore-eos" in args and args[args.index("--max-concurrency") + 1] == "8"
-    assert vllm_bench.command(args)[-len(args):] == args
+    assert vllm_bench.command(args)[-len(args) :] == args
     result = vllm_bench.parse_result(
-        {"duration": 2.0, "completed": 2, "failed": 1, "total_output_tokens": 128, "ttfts": [0.01, 0.02, 0.0],
-         "latencies": [0.3, 0.4, 0.0], "output_lens": [64, 64, 0], "errors": ["", "", "HTTP 500"]}
+        {
+            "duration": 2.0,
+            "completed": 2,
+            "failed": 1,
+            "total_output_tokens": 128,
+            "ttfts": [0.01, 0.02, 0.0],
+            "latencies": [0.3, 0.4, 0.0],
+            "output_lens": [64, 64, 0],
+            "errors": ["", "", "HTTP 500"],
+        }
     )
     assert (result.duration_s, result.completed, result.failed, result.output_tokens) == (2.0, 2, 1, 128)
     assert result.requests[0] == vllm_bench.Request(0.01, 0.3, 64, "") and result.requests[2].error == "HTTP 500"

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -10,12 +12,12 @@ def test_each_segment_gets_exactly_its_expected_arrivals() -> None:
     curve = RateCurve.steps([1.0, 2.5, 4.0], step_s=10.0)
     arrivals = schedule(curve, seed=3)
     assert len(arrivals) == 75
-    for segment, count in zip(curve.segments, curve.counts()):
+    for segment, count in zip(curve.segments, curve.counts(), strict=True):
         inside = [a for a in arrivals if a.phase == segment.phase]
         assert len(inside) == count == round(segment.rps * segment.duration_s)
         assert all(segment.start_s <= a.offset_s < segment.end_s for a in inside)
     assert [a.index for a in arrivals] == list(range(75))
-    assert all(x.offset_s <= y.offset_s for x, y in zip(arrivals, arrivals[1:]))
+    assert all(x.offset_s <= y.offset_s for x, y in itertools.pairwise(arrivals))
 
 
 def test_rounding_keeps_the_total_exact() -> None:

@@ -17,9 +17,20 @@ import pytest
 from server.runtime.cli import build_parser
 from tests.support import STUDENT, Stack
 
-SMALL = ["--prompt-tokens", "30", "--output-tokens", "8", "--length-sigma", "0",
-         "--system-prompt", "Bạn là trợ lý chăm sóc khách hàng của cửa hàng.",
-         "--progress-interval-s", "3", "--sample-interval-s", "1"]
+SMALL = [
+    "--prompt-tokens",
+    "30",
+    "--output-tokens",
+    "8",
+    "--length-sigma",
+    "0",
+    "--system-prompt",
+    "Bạn là trợ lý chăm sóc khách hàng của cửa hàng.",
+    "--progress-interval-s",
+    "3",
+    "--sample-interval-s",
+    "1",
+]
 # Generous latency limits: these tests check the machinery, not the tiny model's speed on a shared box.
 LOOSE_SLO = ["--slo-ttft-p95-ms", "30000", "--slo-tpot-p95-ms", "5000", "--slo-max-error-rate", "0.2"]
 RATE_TOLERANCE = 0.05
@@ -27,8 +38,12 @@ RATE_TOLERANCE = 0.05
 
 def student_load(stack: Stack, out: Path, *args: str, timeout_s: float = 120) -> tuple[int, dict, str]:
     started = time.monotonic()
-    done = subprocess.run([STUDENT, "load", *args, "--target", stack.url, "--out", str(out), *SMALL],
-                          capture_output=True, text=True, timeout=timeout_s)
+    done = subprocess.run(
+        [STUDENT, "load", *args, "--target", stack.url, "--out", str(out), *SMALL],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
     log = done.stderr + done.stdout
     print(f"student load {args[0]}: exit {done.returncode} in {time.monotonic() - started:.1f} s\n{log[-3000:]}")
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
@@ -47,8 +62,17 @@ def assert_common_report(report: dict, out: Path, scenario: str, stack: Stack) -
     assert isinstance(report["slo"]["passed"], bool)
     assert report["gateway"]["requests"]["total"] >= report["requests"]["ok"]  # /stats over the same window
     assert report["gateway"]["upstream"]["url"] == stack.vllm_url
-    for name in ("report.json", "report.md", "locust_stats.csv", "locust_stats_history.csv", "locust.html",
-                 "arrival_rate.png", "latency.png", "throughput.png", "memory.png"):
+    for name in (
+        "report.json",
+        "report.md",
+        "locust_stats.csv",
+        "locust_stats_history.csv",
+        "locust.html",
+        "arrival_rate.png",
+        "latency.png",
+        "throughput.png",
+        "memory.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     stats_csv = (out / "locust_stats.csv").read_text()
     for row in ("POST,/v1/chat/completions", "METRIC,ttft_ms", "METRIC,tpot_ms", "METRIC,completion_tokens"):
@@ -57,8 +81,10 @@ def assert_common_report(report: dict, out: Path, scenario: str, stack: Stack) -
 
 
 def test_load_help_does_not_import_locust() -> None:
-    code = ("import sys; from server.runtime.cli import build_parser; build_parser('load'); "
-            "print('locust' in sys.modules or 'gevent' in sys.modules)")
+    code = (
+        "import sys; from server.runtime.cli import build_parser; build_parser('load'); "
+        "print('locust' in sys.modules or 'gevent' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
     args = build_parser("load").parse_args(["load", "daily", "--target", "http://x", "--day-seconds", "60"])
@@ -67,8 +93,9 @@ def test_load_help_does_not_import_locust() -> None:
 
 def test_daily_with_two_local_workers_gives_one_merged_result(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "daily"
-    code, report, log = student_load(stack, out, "daily", "--requests-per-day", "80", "--day-seconds", "32",
-                                     "--workers", "2", *LOOSE_SLO)
+    code, report, log = student_load(
+        stack, out, "daily", "--requests-per-day", "80", "--day-seconds", "32", "--workers", "2", *LOOSE_SLO
+    )
     assert_common_report(report, out, "daily", stack)
     assert code == (0 if report["slo"]["passed"] else 1)
     assert report["generator"]["workers"] == 2
@@ -84,20 +111,48 @@ def test_daily_with_two_local_workers_gives_one_merged_result(stack: Stack, tmp_
 
 def test_capacity_reports_the_sustainable_rate(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "capacity"
-    code, report, _ = student_load(stack, out, "capacity", "--start-rps", "1", "--step-rps", "1", "--max-rps", "3",
-                                   "--step-seconds", "7", "--step-grace-s", "10", *LOOSE_SLO)
+    code, report, _ = student_load(
+        stack,
+        out,
+        "capacity",
+        "--start-rps",
+        "1",
+        "--step-rps",
+        "1",
+        "--max-rps",
+        "3",
+        "--step-seconds",
+        "7",
+        "--step-grace-s",
+        "10",
+        *LOOSE_SLO,
+    )
     assert_common_report(report, out, "capacity", stack)
     capacity = report["capacity"]
     assert capacity["max_sustainable_rps"] in (1.0, 2.0, 3.0)
     assert capacity["max_requests_per_day"] == pytest.approx(
-        capacity["max_sustainable_rps"] * 86_400 / capacity["peak_factor"], abs=2)
+        capacity["max_sustainable_rps"] * 86_400 / capacity["peak_factor"], abs=2
+    )
     assert code == 0 and report["slo"]["passed"]  # ≥ 1 req/s at peak carries 10,000 requests a day
 
 
 def test_forced_slo_failure_exits_non_zero(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "forced"
-    code, report, log = student_load(stack, out, "capacity", "--start-rps", "2", "--step-rps", "1", "--max-rps", "3",
-                                     "--step-seconds", "6", "--slo-ttft-p95-ms", "0.001")
+    code, report, log = student_load(
+        stack,
+        out,
+        "capacity",
+        "--start-rps",
+        "2",
+        "--step-rps",
+        "1",
+        "--max-rps",
+        "3",
+        "--step-seconds",
+        "6",
+        "--slo-ttft-p95-ms",
+        "0.001",
+    )
     assert code == 1, log
     assert report["slo"]["passed"] is False and "SLO FAILED" in log
     assert report["capacity"]["max_sustainable_rps"] == 0.0 and report["capacity"]["max_requests_per_day"] == 0
@@ -120,8 +175,22 @@ def test_soak_reports_latency_and_memory_drift(stack: Stack, tmp_path: Path) -> 
 
 def test_burst_reports_recovery_and_errors(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "burst"
-    code, report, _ = student_load(stack, out, "burst", "--rps", "1.5", "--burst-factor", "3", "--burst-seconds", "5",
-                                   "--burst-at-s", "6", "--duration-s", "18", *LOOSE_SLO)
+    code, report, _ = student_load(
+        stack,
+        out,
+        "burst",
+        "--rps",
+        "1.5",
+        "--burst-factor",
+        "3",
+        "--burst-seconds",
+        "5",
+        "--burst-at-s",
+        "6",
+        "--duration-s",
+        "18",
+        *LOOSE_SLO,
+    )
     assert_common_report(report, out, "burst", stack)
     assert code == (0 if report["slo"]["passed"] else 1)
     burst = report["burst"]

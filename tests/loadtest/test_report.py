@@ -16,8 +16,9 @@ def test_report_folder_holds_json_markdown_and_plots(tmp_path) -> None:
     run = run_of(curve, memory=[{"t": 0.0, "gateway": 80.0, "vllm": None}, {"t": 90.0, "gateway": 81.0, "vllm": None}])
     block, verdict = daily.judge(run, curve, Slo())
     workload = Workload(prompt_set=load_prompt_set(None))
-    report = build_report("daily", "http://gw", curve, run, workload, seed=0, burstiness=1.0,
-                          scenario_block=block, verdict=verdict)
+    report = build_report(
+        "daily", "http://gw", curve, run, workload, seed=0, burstiness=1.0, scenario_block=block, verdict=verdict
+    )
     files = write_report(report, run, curve, tmp_path)
     assert {"report.json", "report.md", "arrival_rate.png", "latency.png", "throughput.png", "memory.png"} <= set(files)
     saved = json.loads((tmp_path / "report.json").read_text())

@@ -12,8 +12,17 @@ from loadtest.slo import Slo
 from tests.loadtest.helpers import UNAVAILABLE_STATS, run_of
 
 MEASURED_STATS = copy.deepcopy(UNAVAILABLE_STATS)
-MEASURED_STATS["energy"] = {"status": "ok", "reason": None, "source": "nvml", "total_j": 13000.0, "active_j": 1100.0,
-                            "idle_j": 12000.0, "unattributed_j": 100.0, "idle_w": 200.0, "wall_power_factor": 1.0}
+MEASURED_STATS["energy"] = {
+    "status": "ok",
+    "reason": None,
+    "source": "nvml",
+    "total_j": 13000.0,
+    "active_j": 1100.0,
+    "idle_j": 12000.0,
+    "unattributed_j": 100.0,
+    "idle_w": 200.0,
+    "wall_power_factor": 1.0,
+}
 
 
 def test_daily_curve_follows_the_profile_and_plays_the_whole_day() -> None:
@@ -59,7 +68,7 @@ def test_a_lagging_generator_fails_the_run() -> None:
     soak = Soak(2.0, 60.0)
     curve = soak.curve()
     assert soak.judge(run_of(curve), curve, Slo())[1]["passed"]
-    block, verdict = soak.judge(run_of(curve, late_s=0.5), curve, Slo())
+    _, verdict = soak.judge(run_of(curve, late_s=0.5), curve, Slo())
     assert not verdict["passed"] and "lagged" in verdict["reasons"][-1]
 
 
@@ -98,8 +107,11 @@ def test_unfinished_step_is_pending_then_failed() -> None:
 def test_burst_recovery_time_and_queue() -> None:
     burst = Burst(2.0, 4.0, 10.0, 20.0, 60.0)
     curve = burst.curve()
-    run = run_of(curve, ttft_ms=lambda a: 900.0 if 20.0 <= a.offset_s < 38.0 else 50.0,
-                 gateway_series=[{"t": 30.0, "waiting": 5}, {"t": 35.0, "waiting": 1}, {"t": 40.0, "waiting": 0}])
+    run = run_of(
+        curve,
+        ttft_ms=lambda a: 900.0 if 20.0 <= a.offset_s < 38.0 else 50.0,
+        gateway_series=[{"t": 30.0, "waiting": 5}, {"t": 35.0, "waiting": 1}, {"t": 40.0, "waiting": 0}],
+    )
     block, verdict = burst.judge(run, curve, Slo())
     first_good = min(s.sent for s in run.samples if s.sent >= 38.0)
     assert block["recovery_s"] == pytest.approx(first_good - 30.0, abs=1e-3)

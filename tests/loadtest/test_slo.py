@@ -5,8 +5,20 @@ from loadtest.slo import Slo
 
 
 def sample(i: int, ttft: float = 100.0, tpot: float | None = 20.0, ok: bool = True) -> Sample:
-    return Sample(i, "p", i, i, i + 1, ok, ttft if ok else None, tpot if ok else None, 1000.0, 10, 5,
-                  None if ok else "HTTP 503: busy")
+    return Sample(
+        i,
+        "p",
+        i,
+        i,
+        i + 1,
+        ok,
+        ttft if ok else None,
+        tpot if ok else None,
+        1000.0,
+        10,
+        5,
+        None if ok else "HTTP 503: busy",
+    )
 
 
 def test_slo_passes_and_fails_on_p95() -> None:

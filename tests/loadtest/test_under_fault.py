@@ -45,12 +45,35 @@ from tests.support import STUDENT, Stack, http_get, post_json, start_stack, wait
 CHAT_URL = "/v1/chat/completions"
 RATE_RPS = 1.5
 DURATION_S = 60  # vLLM restarts in ~30-45 s here: the run goes on past its return
-LOAD = ["--rps", str(RATE_RPS), "--duration-s", str(DURATION_S), "--seed", "5",
-        "--prompt-tokens", "30", "--output-tokens", "160", "--length-sigma", "0",
-        "--system-prompt", "Bạn là trợ lý chăm sóc khách hàng của cửa hàng.",
-        "--drain-timeout-s", "120", "--progress-interval-s", "5", "--sample-interval-s", "2",
-        # Errors are expected here: the SLO verdict is not what this test checks.
-        "--slo-ttft-p95-ms", "60000", "--slo-tpot-p95-ms", "10000", "--slo-max-error-rate", "1"]
+LOAD = [
+    "--rps",
+    str(RATE_RPS),
+    "--duration-s",
+    str(DURATION_S),
+    "--seed",
+    "5",
+    "--prompt-tokens",
+    "30",
+    "--output-tokens",
+    "160",
+    "--length-sigma",
+    "0",
+    "--system-prompt",
+    "Bạn là trợ lý chăm sóc khách hàng của cửa hàng.",
+    "--drain-timeout-s",
+    "120",
+    "--progress-interval-s",
+    "5",
+    "--sample-interval-s",
+    "2",
+    # Errors are expected here: the SLO verdict is not what this test checks.
+    "--slo-ttft-p95-ms",
+    "60000",
+    "--slo-tpot-p95-ms",
+    "10000",
+    "--slo-max-error-rate",
+    "1",
+]
 ANSWERED_BEFORE_KILL = 5  # requests in the ledger before the fault: the load is really flowing
 # Admission control's own refusals (server/control/admission.py): they never reach the proxy or the ledger.
 ADMISSION_MESSAGES = ("the model server is not ready", "the gateway is at capacity")
@@ -69,10 +92,16 @@ class LongStream(threading.Thread):
         self.failure: BaseException | None = None
 
     def run(self) -> None:
-        body = {"model": "student", "stream": True, "max_tokens": LONG_CONTEXT_TOKENS - 384, "ignore_eos": True,
-                "messages": [{"role": "user", "content": "Kể cho tôi nghe về chính sách đổi trả."}]}
-        request = urllib.request.Request(self.url + CHAT_URL, json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
+        body = {
+            "model": "student",
+            "stream": True,
+            "max_tokens": LONG_CONTEXT_TOKENS - 384,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Kể cho tôi nghe về chính sách đổi trả."}],
+        }
+        request = urllib.request.Request(
+            self.url + CHAT_URL, json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=300) as response:
                 self.status = response.status
@@ -80,7 +109,7 @@ class LongStream(threading.Thread):
                 for line in response:
                     if line.startswith(b"data:"):
                         self.data.append(line[5:].strip().decode())
-        except BaseException as exc:  # noqa: BLE001  reported by the test
+        except BaseException as exc:
             self.failure = exc
         finally:
             self.opened.set()
@@ -104,7 +133,7 @@ def client_failures(out: Path) -> Counter[str]:
         for row in csv.DictReader(handle):
             error = row["Error"]
             assert error.startswith("RuntimeError(") and error.endswith(")"), error
-            failures[ast.literal_eval(error[len("RuntimeError("):-1])] += int(row["Occurrences"])
+            failures[ast.literal_eval(error[len("RuntimeError(") : -1])] += int(row["Occurrences"])
     return failures
 
 
@@ -135,10 +164,15 @@ def test_a_vllm_crash_under_steady_load_leaves_clean_errors_a_matching_ledger_an
         stack.wait_ready()
         out = tmp_path / "soak"
         with (tmp_path / "load.log").open("w") as load_log:
-            load = subprocess.Popen([STUDENT, "load", "soak", "--target", stack.url, "--out", str(out), *LOAD],
-                                    stdout=load_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        assert wait_for(lambda: ledger_count(stack) >= ANSWERED_BEFORE_KILL or load.poll() is not None, 120), \
+            load = subprocess.Popen(
+                [STUDENT, "load", "soak", "--target", stack.url, "--out", str(out), *LOAD],
+                stdout=load_log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        assert wait_for(lambda: ledger_count(stack) >= ANSWERED_BEFORE_KILL or load.poll() is not None, 120), (
             "the load never got going"
+        )
         assert load.poll() is None, (tmp_path / "load.log").read_text()[-3000:]
 
         long_stream = LongStream(stack.url)
@@ -162,8 +196,10 @@ def test_a_vllm_crash_under_steady_load_leaves_clean_errors_a_matching_ledger_an
 
         # (3) Recovered by itself: ready again, and a new request is answered.
         assert wait_for(lambda: http_get(f"{stack.url}/ready")[0] == 200, 300, interval_s=1.0), stack.log()[-3000:]
-        status, answer = post_json(f"{stack.url}{CHAT_URL}", {"model": "student", "max_tokens": 2,
-                                                               "messages": [{"role": "user", "content": "Xin chào"}]})
+        status, answer = post_json(
+            f"{stack.url}{CHAT_URL}",
+            {"model": "student", "max_tokens": 2, "messages": [{"role": "user", "content": "Xin chào"}]},
+        )
         assert status == 200 and answer["usage"]["completion_tokens"] == 2, answer
         assert "exited unexpectedly with code -9" in stack.log()
 
@@ -188,10 +224,12 @@ def test_a_vllm_crash_under_steady_load_leaves_clean_errors_a_matching_ledger_an
         ledger = Counter(row.status for row in read_requests(stack.ledger_path))
         assert ledger == expected, {"ledger": ledger, "client": expected, "failures": failures}
         cut_streams = sum(count for message, count in failures.items() if message.startswith("stream error"))
-        print(f"under fault: vLLM killed at {killed_at:.0f} s; {requests['total']} load requests: "
-              f"{requests['ok']} answered, {requests['error']} errors ({cut_streams} streams cut, "
-              f"{refused} refused by admission); "
-              f"ledger by status {dict(ledger)}; {time.monotonic() - started:.0f} s in all")
+        print(
+            f"under fault: vLLM killed at {killed_at:.0f} s; {requests['total']} load requests: "
+            f"{requests['ok']} answered, {requests['error']} errors ({cut_streams} streams cut, "
+            f"{refused} refused by admission); "
+            f"ledger by status {dict(ledger)}; {time.monotonic() - started:.0f} s in all"
+        )
         assert stack.stop() == 0
     finally:
         if load is not None and load.poll() is None:

@@ -11,8 +11,15 @@ def workload(**kwargs) -> Workload:
 
 def test_bundled_prompt_set_has_the_articles_seven_topics() -> None:
     topics = load_prompt_set(None)["topics"]
-    assert set(topics) == {"order_tracking", "return_policy", "payment_methods", "discount_code", "warranty",
-                           "late_delivery", "size_exchange"}
+    assert set(topics) == {
+        "order_tracking",
+        "return_policy",
+        "payment_methods",
+        "discount_code",
+        "warranty",
+        "late_delivery",
+        "size_exchange",
+    }
 
 
 def test_request_is_a_streaming_chat_asking_for_usage_with_honest_lengths() -> None:

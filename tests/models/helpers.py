@@ -32,9 +32,7 @@ def make_lora_adapter(
     """A LoRA adapter with random non-zero A and B (init_lora_weights=False), so it changes logits."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    config = LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=list(target_modules), init_lora_weights=False
-    )
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules), init_lora_weights=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # peft notes GPT-2's Conv1D and saved embeddings
         get_peft_model(model, config).save_pretrained(str(out_dir))

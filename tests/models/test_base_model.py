@@ -58,7 +58,7 @@ def test_the_wheel_gguf_is_found_without_importing_the_package() -> None:
 
 def test_a_wrong_digest_is_refused_before_reading(tmp_path: Path) -> None:
     source = GgufSource(wheel_source().path, "0" * 64)
-    with pytest.raises(BaseModelError, match="has sha256 .* expected 0000"):
+    with pytest.raises(BaseModelError, match=r"has sha256 .* expected 0000"):
         ensure_base_model(tmp_path / "cache", source=source)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 

@@ -114,8 +114,8 @@ def test_malformed_lines_are_named_by_line_number_and_reason(tmp_path: Path) -> 
         (3, "not valid JSON (Expecting property name enclosed in double quotes at column 2)"),
         (4, "message 0 has role 'bot'; expected one of ('system', 'user', 'assistant')"),
         (5, "no assistant message: nothing to train on"),
-        (6, "\"task\" is 7; expected a non-empty string"),
-        (7, "\"reasoning\" is not a string"),
+        (6, '"task" is 7; expected a non-empty string'),
+        (7, '"reasoning" is not a string'),
         (8, "not valid UTF-8 (byte 0)"),
     ]
     assert (report.lines, report.samples) == (7, 1)
@@ -307,9 +307,7 @@ def test_json_report_lists_everything_and_the_exit_status_follows_it(
     ]
 
 
-def test_long_findings_are_cut_in_the_table_but_not_in_json(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_long_findings_are_cut_in_the_table_but_not_in_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path / "data.jsonl", [row(f"Câu {number}?", "", id=number) for number in range(13)])
 
     _, out, _ = run_cli([str(path), "--min-per-task", "1"], capsys)

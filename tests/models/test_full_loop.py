@@ -22,7 +22,15 @@ from models.merge import MANIFEST_NAME
 from models.train_lora import TRAINING_RECORD
 from server.accounting.ledger import read_requests
 from tests.conftest import STACK_ARGS
-from tests.models.distill.test_command import THINK_REGEX, TOPICS, manifest_of, rows_of, run_cli, teacher_args, write_topics
+from tests.models.distill.test_command import (
+    THINK_REGEX,
+    TOPICS,
+    manifest_of,
+    rows_of,
+    run_cli,
+    teacher_args,
+    write_topics,
+)
 from tests.support import STUDENT, Stack, http_get, post_json, running_stack, wait_for
 
 QUESTIONS_PER_TOPIC = 2
@@ -92,9 +100,7 @@ def test_teacher_to_served_student(stack: Stack, tiny_model_dir: Path, tmp_path:
     assert verification["passed"] is True and verification["adapter_effect_max_abs_diff"] > 0
 
     # 5. serve the merged student and chat with it through the gateway.
-    with running_stack(
-        ["--model", str(merged), *STACK_ARGS], tmp_path / "serve.log", ready_timeout_s=420
-    ) as served:
+    with running_stack(["--model", str(merged), *STACK_ARGS], tmp_path / "serve.log", ready_timeout_s=420) as served:
         _, models = http_get(f"{served.url}/v1/models")
         assert [(model["id"], model["root"]) for model in json.loads(models)["data"]] == [("student", str(merged))]
         question = json.loads(validation_file.read_text(encoding="utf-8").splitlines()[0])["messages"][1]["content"]

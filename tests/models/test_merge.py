@@ -42,9 +42,7 @@ def quiet(_: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def merged(
-    tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, tiny_adapter: Path
-) -> merge.MergeResult:
+def merged(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, tiny_adapter: Path) -> merge.MergeResult:
     return merge_adapter(tiny_base, tiny_adapter, tmp_path_factory.mktemp("merged") / "out", progress=quiet)
 
 
@@ -54,9 +52,7 @@ def other_tokenizer() -> PreTrainedTokenizerFast:
     return train_tokenizer(["Hello, where is my parcel? Refunds take five days."] * 20, vocab_size=300)
 
 
-def test_merged_model_equals_base_plus_adapter(
-    merged: merge.MergeResult, tiny_base: Path, tiny_adapter: Path
-) -> None:
+def test_merged_model_equals_base_plus_adapter(merged: merge.MergeResult, tiny_base: Path, tiny_adapter: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
     input_ids = chat_ids(tokenizer, QUESTION)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_base))
@@ -163,7 +159,7 @@ def test_empty_directory(which: str, tmp_path: Path, tiny_base: Path, tiny_adapt
 
 
 def test_adapter_directory_without_adapter_config(tmp_path: Path, tiny_base: Path) -> None:
-    with pytest.raises(InputError, match="has no adapter_config.json"):
+    with pytest.raises(InputError, match=r"has no adapter_config\.json"):
         merge_adapter(tiny_base, tiny_base, tmp_path / "out", progress=quiet)
 
 
@@ -199,7 +195,7 @@ def test_adapter_trained_on_a_base_with_another_vocabulary(
     other = build_random_llama(other_tokenizer, tmp_path / "other")
     adapter = make_lora_adapter(other, tmp_path / "other-adapter", target_modules=["q_proj", "lm_head"])
 
-    with pytest.raises(AdapterMismatchError, match="different vocabulary size.*lm_head"):
+    with pytest.raises(AdapterMismatchError, match=r"different vocabulary size.*lm_head"):
         merge_adapter(tiny_base, adapter, tmp_path / "out", progress=quiet)
 
 
@@ -209,13 +205,11 @@ def test_adapter_shipping_another_tokenizer(
     other = build_random_llama(other_tokenizer, tmp_path / "other")
     adapter = make_lora_adapter(other, tmp_path / "other-adapter", ["q_proj"], save_tokenizer=True)
 
-    with pytest.raises(AdapterMismatchError, match="adapter's tokenizer .* differs from the base's"):
+    with pytest.raises(AdapterMismatchError, match=r"adapter's tokenizer .* differs from the base's"):
         merge_adapter(tiny_base, adapter, tmp_path / "out", progress=quiet)
 
 
-def test_adapter_for_a_deeper_base(
-    tmp_path: Path, tiny_base: Path, small_tokenizer: PreTrainedTokenizerFast
-) -> None:
+def test_adapter_for_a_deeper_base(tmp_path: Path, tiny_base: Path, small_tokenizer: PreTrainedTokenizerFast) -> None:
     deeper = build_random_llama(small_tokenizer, tmp_path / "deeper", num_layers=3)
     adapter = make_lora_adapter(deeper, tmp_path / "deeper-adapter", target_modules=["q_proj"])
 
@@ -240,16 +234,12 @@ def test_existing_output_needs_force(tmp_path: Path, tiny_base: Path, tiny_adapt
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 
-def test_empty_output_directory_is_fine_without_force(
-    tmp_path: Path, tiny_base: Path, tiny_adapter: Path
-) -> None:
+def test_empty_output_directory_is_fine_without_force(tmp_path: Path, tiny_base: Path, tiny_adapter: Path) -> None:
     (tmp_path / "out").mkdir()
     assert merge_adapter(tiny_base, tiny_adapter, tmp_path / "out", progress=quiet).verification.passed
 
 
-def test_output_inside_an_input_is_refused_even_with_force(
-    tmp_path: Path, tiny_base: Path, tiny_adapter: Path
-) -> None:
+def test_output_inside_an_input_is_refused_even_with_force(tmp_path: Path, tiny_base: Path, tiny_adapter: Path) -> None:
     with pytest.raises(OutputExistsError, match="overlaps the input directory"):
         merge_adapter(tiny_base, tiny_adapter, tiny_base, force=True, progress=quiet)
     assert (tiny_base / "model.safetensors").is_file()
@@ -280,9 +270,7 @@ def test_unknown_device_is_refused(tmp_path: Path, tiny_base: Path, tiny_adapter
 def test_bfloat16_merge_on_the_gpu_verifies(
     tmp_path: Path, tiny_base: Path, tiny_adapter: Path, merged: merge.MergeResult
 ) -> None:
-    result = merge_adapter(
-        tiny_base, tiny_adapter, tmp_path / "out", dtype="bfloat16", device="cuda", progress=quiet
-    )
+    result = merge_adapter(tiny_base, tiny_adapter, tmp_path / "out", dtype="bfloat16", device="cuda", progress=quiet)
 
     assert result.verification.passed
     assert result.device == "cuda"
@@ -344,9 +332,7 @@ def test_cli_device_cuda_without_cuda_is_a_one_line_error(
     assert not (tmp_path / "out").exists()
 
 
-def test_base_that_is_not_a_causal_language_model(
-    tmp_path: Path, tiny_base: Path, tiny_adapter: Path
-) -> None:
+def test_base_that_is_not_a_causal_language_model(tmp_path: Path, tiny_base: Path, tiny_adapter: Path) -> None:
     base = tmp_path / "t5"
     shutil.copytree(tiny_base, base)
     (base / "config.json").write_text(json.dumps({"model_type": "t5"}))

@@ -19,9 +19,7 @@ def test_chat_template_is_chatml_ending_in_the_eos_token(small_tokenizer: PreTra
     text = small_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     assert text == (
-        "<|im_start|>system\nHệ thống<|im_end|>\n"
-        "<|im_start|>user\nXin chào<|im_end|>\n"
-        "<|im_start|>assistant\n"
+        "<|im_start|>system\nHệ thống<|im_end|>\n<|im_start|>user\nXin chào<|im_end|>\n<|im_start|>assistant\n"
     )
     ids = small_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert ids.count(small_tokenizer.convert_tokens_to_ids(IM_START)) == 3

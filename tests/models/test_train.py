@@ -51,7 +51,7 @@ def quiet(_: str) -> None:
 
 def labelled_text(tokenizer: PreTrainedTokenizerFast, sample: ChatSample, loss_on: str = "assistant") -> str:
     encoded = encode_sample(tokenizer, sample, max_length=512, loss_on=loss_on)  # type: ignore[arg-type]
-    pairs = zip(encoded.input_ids, encoded.labels)
+    pairs = zip(encoded.input_ids, encoded.labels, strict=True)
     return tokenizer.decode([token for token, label in pairs if label != IGNORE_INDEX])
 
 
@@ -59,13 +59,12 @@ def test_only_assistant_turns_and_their_end_marker_are_labelled(
     small_tokenizer: PreTrainedTokenizerFast,
 ) -> None:
     encoded = encode_sample(small_tokenizer, TWO_TURNS, max_length=512)
-    assert all(label in (token, IGNORE_INDEX) for token, label in zip(encoded.input_ids, encoded.labels))
+    assert all(label in (token, IGNORE_INDEX) for token, label in zip(encoded.input_ids, encoded.labels, strict=True))
 
     text = labelled_text(small_tokenizer, TWO_TURNS)
 
     assert text == (
-        "Cửa hàng nhận ví MoMo và ZaloPay.<|im_end|>\n"
-        "Bạn có thể thanh toán bằng thẻ Visa/Mastercard.<|im_end|>\n"
+        "Cửa hàng nhận ví MoMo và ZaloPay.<|im_end|>\nBạn có thể thanh toán bằng thẻ Visa/Mastercard.<|im_end|>\n"
     )
 
 
@@ -101,8 +100,8 @@ def test_batch_order_is_seeded_and_covers_each_sample_once_per_epoch() -> None:
     batches = list(batch_order(sample_count=10, batch_size=4, steps=6, seed=3))
 
     assert [len(batch) for batch in batches] == [4, 4, 2, 4, 4, 2]
-    assert sorted(sum(batches[:3], [])) == list(range(10))
-    assert sorted(sum(batches[3:], [])) == list(range(10))
+    assert sorted(index for batch in batches[:3] for index in batch) == list(range(10))
+    assert sorted(index for batch in batches[3:] for index in batch) == list(range(10))
     assert batches == list(batch_order(10, 4, 6, seed=3))
     assert batches != list(batch_order(10, 4, 6, seed=4))
 
@@ -149,9 +148,7 @@ def test_training_lowers_the_loss_and_is_deterministic_for_a_seed(
     assert not torch.are_deterministic_algorithms_enabled(), "the deterministic mode must be restored"
 
 
-def test_lora_training_changes_only_the_adapter(
-    tiny_base: Path, small_tokenizer: PreTrainedTokenizerFast
-) -> None:
+def test_lora_training_changes_only_the_adapter(tiny_base: Path, small_tokenizer: PreTrainedTokenizerFast) -> None:
     torch.manual_seed(0)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_base)), lora)

@@ -14,6 +14,9 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from models import train_lora
 from models.demo import DATASET_FILE
+from models.distill.command import sample_row
+from models.distill.plan import PlannedSample
+from models.distill.teacher import ChatReply
 from models.merge import load_meta_base, merge_adapter
 from models.train import (
     ChatSample,
@@ -24,9 +27,6 @@ from models.train import (
     evaluate_loss,
     load_chat_jsonl,
 )
-from models.distill.command import sample_row
-from models.distill.plan import PlannedSample
-from models.distill.teacher import ChatReply
 from models.train_lora import LORA_TARGETS, TRAINING_RECORD, LoraSettings, TrainLoraResult
 from server.runtime import cli
 from tests.models.helpers import chat_ids, logits_of
@@ -52,9 +52,7 @@ def chats(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, chats: Path) -> TrainLoraResult:
     """A rank-8 adapter trained for 16 steps on `chats`, validated on the same chats (CPU, float32)."""
-    config = TrainConfig(
-        steps=STEPS, learning_rate=3e-3, batch_size=8, max_length=256, warmup_steps=2, log_every=4
-    )
+    config = TrainConfig(steps=STEPS, learning_rate=3e-3, batch_size=8, max_length=256, warmup_steps=2, log_every=4)
     return train_lora.train_lora(
         tiny_base,
         chats,
@@ -67,9 +65,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, chats: Pa
     )
 
 
-def test_training_lowers_the_validation_loss_and_records_the_run(
-    trained: TrainLoraResult, chats: Path
-) -> None:
+def test_training_lowers_the_validation_loss_and_records_the_run(trained: TrainLoraResult, chats: Path) -> None:
     record = json.loads((trained.out_dir / TRAINING_RECORD).read_text(encoding="utf-8"))
 
     assert record == json.loads(json.dumps(trained.record))
@@ -87,9 +83,7 @@ def test_training_lowers_the_validation_loss_and_records_the_run(
     assert record["elapsed_s"] >= 0
 
 
-def test_the_adapter_holds_only_lora_weights_and_the_base_tokenizer(
-    trained: TrainLoraResult, tiny_base: Path
-) -> None:
+def test_the_adapter_holds_only_lora_weights_and_the_base_tokenizer(trained: TrainLoraResult, tiny_base: Path) -> None:
     names = {path.name for path in trained.out_dir.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", TRAINING_RECORD} <= names
     weights = load_file(str(trained.out_dir / "adapter_model.safetensors"))
@@ -129,9 +123,7 @@ def test_evaluate_loss_is_the_mean_over_assistant_tokens(
     assert model.training
 
 
-def test_bfloat16_base_trains_float32_lora_weights_that_merge(
-    tiny_base: Path, chats: Path, tmp_path: Path
-) -> None:
+def test_bfloat16_base_trains_float32_lora_weights_that_merge(tiny_base: Path, chats: Path, tmp_path: Path) -> None:
     """The GPU's default dtype, run on the CPU: only device placement differs on a GPU."""
     config = TrainConfig(steps=2, learning_rate=3e-3, batch_size=4, max_length=128, warmup_steps=0)
     lora = LoraSettings(r=4, alpha=8)
@@ -369,7 +361,7 @@ def test_target_modules_match_like_peft_and_partly_absent_ones_warn(tiny_base: P
         train_lora.check_targets(model, ("attn.q_proj",), tiny_base, messages.append)
 
 
-class Stop(Exception):
+class Stop(Exception):  # noqa: N818  stands for the process being stopped, not an error
     """Stands for the process being stopped right after a checkpoint was written."""
 
 
@@ -401,7 +393,10 @@ def test_a_stopped_run_resumes_from_its_checkpoint_to_the_same_adapter(
     assert not checkpoint.exists()
     assert resumed.record["train"]["resumed_from_step"] == 6
     assert resumed.record["train"]["losses"] == straight.record["train"]["losses"]
-    ours, theirs = load_file(out / "adapter_model.safetensors"), load_file(straight.out_dir / "adapter_model.safetensors")
+    ours, theirs = (
+        load_file(out / "adapter_model.safetensors"),
+        load_file(straight.out_dir / "adapter_model.safetensors"),
+    )
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
 
@@ -414,6 +409,6 @@ def test_a_checkpoint_of_another_run_is_refused_not_mixed_in(tiny_base: Path, ch
     out = tmp_path / "adapter"
     with pytest.raises(Stop):
         _resumable(tiny_base, chats, out, stop_at_first_checkpoint)
-    with pytest.raises(train_lora.TrainingError, match="belongs to another run .* delete it to start afresh"):
+    with pytest.raises(train_lora.TrainingError, match=r"belongs to another run .* delete it to start afresh"):
         _resumable(tiny_base, chats, out, quiet, lr=1e-3)
     assert train_lora.checkpoint_path(out).is_file() and not out.exists()

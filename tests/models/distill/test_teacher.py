@@ -26,9 +26,9 @@ from models.distill.teacher import (
     RetryPolicy,
     TeacherClient,
     TeacherConfig,
-    TeacherRejected,
+    TeacherRejectedError,
     TeacherReplyError,
-    TeacherUnavailable,
+    TeacherUnavailableError,
     error_text,
     parse_chat_reply,
     parse_retry_after_s,
@@ -257,7 +257,7 @@ def test_gives_up_after_max_retries_with_the_last_error() -> None:
         async with scripted_teacher([status(503, message="overloaded")] * 10) as server:
             await chat_once(config(server.url, retry=RetryPolicy(2, 0.5, 4.0)), sleeps)
 
-    with pytest.raises(TeacherUnavailable, match="failed 3 time.*HTTP 503: overloaded") as failure:
+    with pytest.raises(TeacherUnavailableError, match=r"failed 3 time.*HTTP 503: overloaded") as failure:
         asyncio.run(scenario())
     assert (failure.value.attempts, failure.value.reason) == (3, "503")
     assert KEY not in str(failure.value)
@@ -285,7 +285,7 @@ def closed_port() -> int:
 def test_unreachable_teacher_is_unavailable_after_retries() -> None:
     sleeps = Sleeps()
     url = f"http://127.0.0.1:{closed_port()}/v1"
-    with pytest.raises(TeacherUnavailable, match="connection") as failure:
+    with pytest.raises(TeacherUnavailableError, match="connection") as failure:
         asyncio.run(chat_once(config(url, retry=RetryPolicy(1, 0.1, 1.0)), sleeps))
     assert failure.value.attempts == 2 and len(sleeps) == 1
 
@@ -298,7 +298,7 @@ def test_other_4xx_are_not_retried(code: int, fatal: bool) -> None:
         async with scripted_teacher([status(code, message="nope")]) as server:
             await chat_once(config(server.url), sleeps)
 
-    with pytest.raises(TeacherRejected, match=f"HTTP {code}: nope") as failure:
+    with pytest.raises(TeacherRejectedError, match=f"HTTP {code}: nope") as failure:
         asyncio.run(scenario())
     assert failure.value.fatal is fatal and failure.value.status == code
     assert sleeps == [] and KEY not in str(failure.value)
@@ -309,10 +309,10 @@ def test_a_401_says_which_variable_to_check_never_the_key() -> None:
         async with scripted_teacher([status(401, message="invalid API key")]) as server:
             await chat_once(config(server.url, api_key=api_key, key_env="SHOP_TEACHER_KEY"), Sleeps())
 
-    with pytest.raises(TeacherRejected, match=r"check the key in \$SHOP_TEACHER_KEY") as failure:
+    with pytest.raises(TeacherRejectedError, match=r"check the key in \$SHOP_TEACHER_KEY") as failure:
         asyncio.run(scenario(KEY))
     assert KEY not in str(failure.value)
-    with pytest.raises(TeacherRejected, match=r"no key was sent: set \$SHOP_TEACHER_KEY"):
+    with pytest.raises(TeacherRejectedError, match=r"no key was sent: set \$SHOP_TEACHER_KEY"):
         asyncio.run(scenario(None))
 
 
@@ -369,6 +369,6 @@ def test_preflight_retries_busy_answers_but_reports_an_unreachable_host_quickly(
         async with TeacherClient(config(f"http://127.0.0.1:{closed_port()}/v1"), sleep=Sleeps()) as client:
             await client.served_models(max_connection_retries=0)
 
-    with pytest.raises(TeacherUnavailable, match="failed 1 time") as failure:
+    with pytest.raises(TeacherUnavailableError, match="failed 1 time") as failure:
         asyncio.run(unreachable())
     assert failure.value.reason == "connection"

@@ -43,7 +43,8 @@ def runs() -> list[TargetRun]:
     student[0] = score_answer(ITEMS[0], answer(ITEMS[0].id, "", error="HTTP 503: busy"))
     student[1] = score_answer(ITEMS[1], answer(ITEMS[1].id, ITEMS[1].reference, attempts=2))
     verdicts = [("A", "B"), ("A", "B"), ("B", "A"), ("A", "A"), (None, "A")] * 6
-    student = [entry.__class__(**{**entry.__dict__, "judgement": judged(v)}) for entry, v in zip(student, verdicts)]
+    pairs = zip(student, verdicts, strict=False)  # more verdicts than items: the first ones are used
+    student = [entry.__class__(**{**entry.__dict__, "judgement": judged(v)}) for entry, v in pairs]
     teacher = [score_answer(item, answer(item.id, "I cannot help with that.")) for item in ITEMS]
     name, price = parse_price("gpt-4.1")
     return [
@@ -101,8 +102,8 @@ def test_the_folder_appears_only_when_complete(tmp_path: Path) -> None:
     markdown = (out / "report.md").read_text(encoding="utf-8")
     assert "|  | student | teacher |" in markdown
     assert (
-        "| energy cost per 1,000 answers | 83.3 VND ($0.00333); 0.02778 kWh | not measured: not a student-serve gateway |"
-        in markdown
+        "| energy cost per 1,000 answers | 83.3 VND ($0.00333); 0.02778 kWh "
+        "| not measured: not a student-serve gateway |" in markdown
     )
     assert "| API price per 1,000 answers | no price given | $1.2 (gpt-4.1) |" in markdown
     assert "| judge: win / tie / loss / invalid | 11 / 5 / 5 / 5 | – |" in markdown

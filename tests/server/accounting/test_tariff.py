@@ -39,7 +39,10 @@ def test_unknown_energy_costs_nothing_known() -> None:
 def test_defaults_are_evn_tier_4_in_vnd_at_the_articles_rate() -> None:
     tariff = Tariff()
     assert (tariff.price_per_kwh, tariff.currency, tariff.usd_rate, tariff.wall_power_factor) == (
-        2998.0, "VND", 25_000.0, 1.0,
+        2998.0,
+        "VND",
+        25_000.0,
+        1.0,
     )
 
 

@@ -17,9 +17,7 @@ from tests.support import Stack, gateway_stats, http_get, post_json, running_sta
 ANSWER_TOKENS = 64
 
 
-def test_requests_beyond_the_cap_and_the_line_get_429_and_admitted_ones_finish(
-    stack: Stack, tmp_path: Path
-) -> None:
+def test_requests_beyond_the_cap_and_the_line_get_429_and_admitted_ones_finish(stack: Stack, tmp_path: Path) -> None:
     with running_stack(
         ["--upstream", stack.vllm_url, "--max-in-flight", "1", "--max-queue", "1"], tmp_path / "gateway.log"
     ) as gateway:
@@ -33,7 +31,7 @@ def test_requests_beyond_the_cap_and_the_line_get_429_and_admitted_ones_finish(
                     model="student", prompt="Xin chào", max_tokens=ANSWER_TOKENS, extra_body={"ignore_eos": True}
                 )
                 finished.append(reply.usage.completion_tokens)
-            except BaseException as exc:  # noqa: BLE001  reported below
+            except BaseException as exc:
                 failures.append(exc)
 
         # Warm up: the client's first call (lazy imports) and the gateway's first request (it
@@ -47,7 +45,13 @@ def test_requests_beyond_the_cap_and_the_line_get_429_and_admitted_ones_finish(
             assert wait_for(lambda: admission(gateway)["waiting"] == 1, 30), (admission(gateway), failures)
             with pytest.raises(RateLimitError) as refused:
                 client.completions.create(model="student", prompt="Xin chào", max_tokens=2)
-            assert admission(gateway) == {"max_in_flight": 1, "max_queue": 1, "answering": 1, "waiting": 1, "rejected": 1}
+            assert admission(gateway) == {
+                "max_in_flight": 1,
+                "max_queue": 1,
+                "answering": 1,
+                "waiting": 1,
+                "rejected": 1,
+            }
             assert admission_metrics(gateway) == {
                 "student_admission_answering_requests": 1.0,
                 "student_admission_waiting_requests": 1.0,

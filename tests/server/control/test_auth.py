@@ -12,9 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from server.gateway.app import create_app
-from server.control.auth import AccessMiddleware, KeyFileError, RateLimiter, TokenLimiter, key_name, load_keys, parse_keys
 from server.accounting.ledger import read_requests
+from server.control.auth import (
+    AccessMiddleware,
+    KeyFileError,
+    RateLimiter,
+    TokenLimiter,
+    key_name,
+    load_keys,
+    parse_keys,
+)
+from server.gateway.app import create_app
 from server.runtime.settings import Settings
 from server.telemetry.request_record import RequestRecord
 from tests.support import Stack, http_get, running_stack
@@ -27,7 +35,11 @@ def test_keys_are_kept_as_digests_and_matched_by_name() -> None:
     digests = parse_keys([f"shop = {SHOP_KEY}", "# a comment", "", f"ops={OPS_KEY}"], "test")
     assert sorted(digests.values()) == ["ops", "shop"]
     assert all(SHOP_KEY.encode() not in digest for digest in digests)
-    assert (key_name(digests, SHOP_KEY), key_name(digests, OPS_KEY), key_name(digests, "sk-nope")) == ("shop", "ops", None)
+    assert (key_name(digests, SHOP_KEY), key_name(digests, OPS_KEY), key_name(digests, "sk-nope")) == (
+        "shop",
+        "ops",
+        None,
+    )
 
 
 @pytest.mark.parametrize(
@@ -101,7 +113,10 @@ def test_token_limiter_charges_a_finished_record_to_its_key() -> None:
 def test_over_the_token_limit_is_a_429_with_retry_after_before_the_request_limit_is_touched() -> None:
     tokens = TokenLimiter(per_minute=30)
     middleware = AccessMiddleware(
-        app=None, digests={}, requests_per_minute=1, token_limiter=tokens  # type: ignore[arg-type]
+        app=None,
+        digests={},
+        requests_per_minute=1,
+        token_limiter=tokens,  # type: ignore[arg-type]
     )
     assert middleware._check_api({"path": "/v1/chat/completions"}) is None  # the one request of this minute
     tokens.add("anonymous", 30, now_s=time.monotonic())
@@ -132,8 +147,17 @@ def keyed_gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Ite
     folder = tmp_path_factory.mktemp("keyed")
     (folder / "keys.txt").write_text(f"# shop's keys\nshop={SHOP_KEY}\n")
     with running_stack(
-        ["--upstream", stack.vllm_url, "--api-keys-file", str(folder / "keys.txt"), "--rate-limit-rpm", "3",
-         "--observability", "key", "--access-log"],
+        [
+            "--upstream",
+            stack.vllm_url,
+            "--api-keys-file",
+            str(folder / "keys.txt"),
+            "--rate-limit-rpm",
+            "3",
+            "--observability",
+            "key",
+            "--access-log",
+        ],
         folder / "gateway.log",
         env={"STUDENT_API_KEYS": f"ops={OPS_KEY}"},
     ) as gateway:

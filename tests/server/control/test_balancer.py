@@ -25,7 +25,7 @@ import psutil
 import pytest
 from aiohttp import web
 
-from server.control.balancer import Balancer, NoHealthyReplica, Replica, Unhealthy, health_probe
+from server.control.balancer import Balancer, NoHealthyReplicaError, Replica, Unhealthy, health_probe
 from server.runtime.settings import Settings
 from server.runtime.vllm_supervisor import VllmSupervisor
 from tests.support import Stack, engine_core, free_port, http_get, post_json, start_stack, wait_for
@@ -97,7 +97,7 @@ def test_pick_can_exclude_replicas_already_tried() -> None:
     lb = balancer(A, B)
     a = by_url(lb)[A]
     assert lb.pick(exclude=[a]).base_url == B
-    with pytest.raises(NoHealthyReplica):
+    with pytest.raises(NoHealthyReplicaError):
         lb.pick(exclude=lb.replicas)
 
 
@@ -207,7 +207,7 @@ def test_a_failed_health_check_ejects_even_the_only_replica_and_ready_says_why(
     with caplog.at_level(logging.INFO, logger="server.control.balancer"):
         assert asyncio.run(lb.check_ready()) == reason
         asyncio.run(lb.check_health())  # still failing: no second log line
-        with pytest.raises(NoHealthyReplica, match="connection refused"):
+        with pytest.raises(NoHealthyReplicaError, match="connection refused"):
             lb.pick()
         del health.problems[A]
         assert asyncio.run(lb.check_ready()) is None
@@ -342,7 +342,13 @@ def second_vllm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     boots alongside it when this module runs first).
     """
     settings = Settings(
-        vllm_port=free_port(), device="cpu", dtype="float32", max_model_len=4096, max_num_seqs=2, kv_cache_gib=1
+        vllm_port=free_port(),
+        device="cpu",
+        dtype="float32",
+        max_model_len=4096,
+        max_num_seqs=2,
+        kv_cache_gib=1,
+        vllm_extra_args=["--enforce-eager"],  # as STACK_ARGS
     )
     log = (tmp_path_factory.mktemp("second-vllm") / "vllm.log").open("w")
     supervisor = VllmSupervisor(settings, tiny_model_dir, log_stream=log)
@@ -422,7 +428,7 @@ def test_a_request_goes_to_the_less_loaded_replica(pair: Pair) -> None:
     for engine in engines.values():
         engine.suspend()
     try:
-        with streaming(gateway, LONG):  # one answer held in flight keeps one replica busy
+        with Streaming(gateway, LONG):  # one answer held in flight keeps one replica busy
             assert wait_for(one_busy, 30), seen
             busy = next(url for url, entry in seen.items() if entry["outstanding"] == 1)
             idle = next(url for url in engines if url != busy)
@@ -471,7 +477,7 @@ def engine_below(root_pid: int) -> psutil.Process:
     return engine_core(psutil.Process(root_pid).children(recursive=True))
 
 
-class streaming:
+class Streaming:
     """A streaming request held open (reading its events in a thread) for the `with` block."""
 
     def __init__(self, gateway: Stack, body: dict):
@@ -479,7 +485,8 @@ class streaming:
         data = json.dumps(body).encode()
         self._sock.sendall(
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+            + f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
         )
         self._reader = threading.Thread(target=self._drain, daemon=True)
 
@@ -490,7 +497,7 @@ class streaming:
         except OSError:
             pass
 
-    def __enter__(self) -> streaming:
+    def __enter__(self) -> Streaming:
         self._reader.start()
         return self
 

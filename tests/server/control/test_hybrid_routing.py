@@ -20,13 +20,11 @@ from urllib.parse import unquote
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.gateway.app import create_app
 from server.accounting.ledger import RequestRow, daily_summary, read_requests
-from server.telemetry.power_sources import SteadySource
 from server.accounting.ledger_report import build_report
 from server.control.hybrid_routing import (
     DEFAULT_KEYWORDS,
-    BadRouteHeader,
+    BadRouteHeaderError,
     LocalState,
     RouteDecision,
     RoutingRules,
@@ -34,8 +32,19 @@ from server.control.hybrid_routing import (
     question,
     response_headers,
 )
+from server.gateway.app import create_app
 from server.runtime.settings import Settings
-from tests.support import Stack, free_port, gateway_stats, http_get, running_stack, start_stack, uvicorn_in_thread, wait_for
+from server.telemetry.power_sources import SteadySource
+from tests.support import (
+    Stack,
+    free_port,
+    gateway_stats,
+    http_get,
+    running_stack,
+    start_stack,
+    uvicorn_in_thread,
+    wait_for,
+)
 
 RULES = RoutingRules.of("X-Student-Route", ["remote", "deepseek-chat"], DEFAULT_KEYWORDS, fallback=True)
 READY = LocalState(ready=True, at_capacity=False)
@@ -61,7 +70,7 @@ def test_an_explicit_local_header_wins_over_keywords_and_fallbacks() -> None:
 
 
 def test_a_header_that_is_not_a_route_is_refused() -> None:
-    with pytest.raises(BadRouteHeader, match="must be 'local' or 'remote'"):
+    with pytest.raises(BadRouteHeaderError, match="must be 'local' or 'remote'"):
         decide(RULES, {"x-student-route": "cloud"}, chat_payload("hi"), READY)
 
 
@@ -245,7 +254,7 @@ def test_stats_show_the_remote_without_its_key(hybrid: Stack, remote: Stack) -> 
     routes = gateway_stats(hybrid.url)["routes"]
     assert routes["remote"]["url"] == remote.url and routes["remote"]["model"] == "student"
     assert routes["remote"]["price"] == {"input_usd_per_mtok": PRICE[0], "output_usd_per_mtok": PRICE[1]}
-    status, body = http_get(f"{hybrid.url}/stats")
+    _, body = http_get(f"{hybrid.url}/stats")
     _, metrics = http_get(f"{hybrid.url}/metrics")
     for text in (body, metrics, hybrid.log().encode()):
         assert CLOUD_KEY.encode() not in text
@@ -270,7 +279,11 @@ def test_a_remote_that_is_down_gives_openai_shaped_errors(stack: Stack, tmp_path
 def test_missing_remote_model_or_key_stops_the_start_naming_the_setting(tmp_path: Path) -> None:
     cases = [
         ([], {}, "remote_model"),
-        (["--remote-model", "m", "--remote-price", "1", "--remote-api-key-env", "NO_SUCH_KEY_VAR"], {}, "NO_SUCH_KEY_VAR"),
+        (
+            ["--remote-model", "m", "--remote-price", "1", "--remote-api-key-env", "NO_SUCH_KEY_VAR"],
+            {},
+            "NO_SUCH_KEY_VAR",
+        ),
         (["--remote-model", "m"], {}, "remote_price"),
     ]
     for args, env, named in cases:
@@ -316,13 +329,17 @@ def test_fallback_to_remote_when_admission_would_refuse(stack: Stack, remote: St
         # The remote here is a gateway in front of the same vLLM: both answers wait for the engine.
         with stack.engine_paused():  # nothing finishes: the one slot stays taken while requests are decided
             workers = [answer("long", long_body, path="/v1/completions")]
-            assert wait_for(lambda: gateway_stats(gateway.url)["admission"]["answering"] == 1, 30), gateway_stats(gateway.url)
+            assert wait_for(lambda: gateway_stats(gateway.url)["admission"]["answering"] == 1, 30), gateway_stats(
+                gateway.url
+            )
             # Decided on arrival: a refusal is answered at once, a fallback goes to the remote.
             status, headers, body = send(gateway.url, chat_payload("hi", max_tokens=2), {"X-Student-Route": "local"})
             assert status == 429 and "at capacity" in json.loads(body)["error"]["message"]
             assert route_of(headers) == ("local", "header")  # asked for local: local's answer
             workers.append(answer("fallback", chat_payload("Đơn hàng của tôi đang ở đâu?", max_tokens=2)))
-            assert wait_for(lambda: gateway_stats(remote.url)["requests"]["in_flight"] >= 1, 30), "the remote never got it"
+            assert wait_for(lambda: gateway_stats(remote.url)["requests"]["in_flight"] >= 1, 30), (
+                "the remote never got it"
+            )
         for worker in workers:
             worker.join(120)
         status, headers, _ = answers["fallback"]
@@ -343,7 +360,9 @@ def _status(url: str) -> int:
 
 
 @pytest.fixture
-def measured_hybrid(stack: Stack, remote: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Settings]]:
+def measured_hybrid(
+    stack: Stack, remote: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, Settings]]:
     """The real gateway in-process (a steady 100 W stand-in source, so local energy is measured),
     the session's vLLM as local and the remote gateway as remote."""
     monkeypatch.setenv("CLOUD_KEY", CLOUD_KEY)

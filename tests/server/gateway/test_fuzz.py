@@ -203,4 +203,3 @@ def describe(case: schemathesis.Case, response: Any) -> str:
         f"{case.method} {case.formatted_path} body={case.body!r:.600} query={case.query!r}"
         f" -> {response.status_code} {response.content[:600]!r}"
     )
-

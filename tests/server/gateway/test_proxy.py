@@ -20,8 +20,8 @@ from tests.support import (
     http_get,
     metric_samples,
     open_raw_request,
-    read_headers,
     post_json,
+    read_headers,
     running_stack,
     start_stack,
     vllm_gauge,
@@ -99,7 +99,9 @@ def vllm_load(stack: Stack) -> tuple[float, float]:
     )
 
 
-def assert_idle_soon(stack: Stack, timeout_s: float = 60.0, why: str = "vLLM still holds the request after the client disconnected") -> None:
+def assert_idle_soon(
+    stack: Stack, timeout_s: float = 60.0, why: str = "vLLM still holds the request after the client disconnected"
+) -> None:
     assert wait_for(lambda: vllm_load(stack) == (0, 0), timeout_s), f"{why}: (running, waiting) = {vllm_load(stack)}"
 
 
@@ -134,7 +136,9 @@ def assert_aborted(stack: Stack, before: Counter[str]) -> None:
     assert_idle_soon(stack)
     ended = finish_counts(stack)
     ended.subtract(before)
-    assert (ended["length"], ended["stop"]) == (0, 0), f"a request ran to its end instead of being aborted: {dict(ended)}"
+    assert (ended["length"], ended["stop"]) == (0, 0), (
+        f"a request ran to its end instead of being aborted: {dict(ended)}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +249,9 @@ def test_disconnect_mid_stream_aborts_the_vllm_request(idle_stack: Stack) -> Non
 def test_disconnect_before_first_token_aborts_the_queued_request(idle_stack: Stack) -> None:
     # The stack runs at most 2 sequences: fill both, so the third waits for its first token.
     before, handled = finish_counts(idle_stack), vllm_handled(idle_stack)
-    busy = [open_raw_request(idle_stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True}) for _ in range(2)]
+    busy = [
+        open_raw_request(idle_stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True}) for _ in range(2)
+    ]
     for sock in busy:
         read_until_events(sock, 1)
     prefilled_tokens = vllm_gauge(idle_stack.vllm_url, "vllm:prompt_tokens_total")
@@ -342,7 +348,9 @@ def read_stream_to_end(sock: socket.socket, received: bytes = b"") -> list[bytes
     return [part.split(b"data: ", 1)[1] for part in received.split(b"\n\n") if b"data: " in part]
 
 
-def test_no_first_token_in_time_ends_the_stream_and_aborts_upstream(idle_stack: Stack, impatient_gateway: Stack) -> None:
+def test_no_first_token_in_time_ends_the_stream_and_aborts_upstream(
+    idle_stack: Stack, impatient_gateway: Stack
+) -> None:
     with idle_stack.engine_paused():
         sock = open_raw_request(impatient_gateway.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True})
         events = read_stream_to_end(sock)
@@ -353,7 +361,9 @@ def test_no_first_token_in_time_ends_the_stream_and_aborts_upstream(idle_stack: 
     assert_idle_soon(idle_stack, timeout_s=15, why="vLLM kept the request after the gateway gave up on it")
 
 
-def test_upstream_silent_between_tokens_ends_the_stream_and_aborts_upstream(idle_stack: Stack, impatient_gateway: Stack) -> None:
+def test_upstream_silent_between_tokens_ends_the_stream_and_aborts_upstream(
+    idle_stack: Stack, impatient_gateway: Stack
+) -> None:
     sock = open_raw_request(impatient_gateway.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True})
     received = read_until_events(sock, 3)
     with idle_stack.engine_paused():

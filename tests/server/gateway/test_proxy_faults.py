@@ -54,7 +54,9 @@ class FloodsThenFinishes(socketserver.BaseRequestHandler):
             self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             self.request.close()
             return
-        self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.request.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         for event in [FLOOD_EVENT] * FLOOD_EVENTS + [b"data: [DONE]\n\n"]:
             self.request.sendall(b"%x\r\n%s\r\n" % (len(event), event))
         self.request.sendall(b"0\r\n\r\n")
@@ -126,8 +128,10 @@ def test_a_client_reading_slowly_is_not_taken_for_a_silent_upstream(tmp_path) ->
     with gateway_in_front_of(FloodsThenFinishes, tmp_path, *timeouts) as gateway:
         body = json.dumps({"model": "student", "prompt": "a", "stream": True}).encode()
         with socket.create_connection(("127.0.0.1", gateway.port), timeout=60) as client:
-            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            client.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
             received = client.recv(65536)
             time.sleep(3)  # not reading: buffers fill, the gateway's relay waits for this client
             while not received.endswith(b"0\r\n\r\n"):

@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
-from server.gateway.catalog import ModelCatalog
 from server.accounting.ledger import read_requests
+from server.gateway.catalog import ModelCatalog
 from server.gateway.validation import (
+    ChatRequest,
     RequestError,
     ServedModels,
     check_served,
@@ -28,7 +29,6 @@ from server.gateway.validation import (
     parse_model_list,
     validate_chat,
     validate_completion,
-    ChatRequest,
 )
 from tests.support import Stack, http_get, post_json, wait_for
 
@@ -71,7 +71,10 @@ def refusal(result: object) -> tuple[int, str | None]:
         chat(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}),
         chat(
             messages=[
-                {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "x"}}]}
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "x"}}],
+                }
             ]
         ),
         chat(
@@ -101,7 +104,9 @@ def test_openai_and_vllm_chat_bodies_pass(body: dict[str, Any]) -> None:
     "prompt", ["text", ["a", "b"], [1, 2, 3], [[1, 2], [3]], None], ids=["str", "strs", "ids", "id-lists", "none"]
 )
 def test_completion_prompt_shapes_pass(prompt: object) -> None:
-    assert not isinstance(validate_completion({**COMPLETION, "prompt": prompt, **VLLM_EXTRAS, "logprobs": 2}), RequestError)
+    assert not isinstance(
+        validate_completion({**COMPLETION, "prompt": prompt, **VLLM_EXTRAS, "logprobs": 2}), RequestError
+    )
 
 
 @pytest.mark.parametrize(
@@ -168,7 +173,11 @@ def test_lone_surrogates_are_400(raw: bytes, param: str) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [rb'{"content": "\ud83d\ude00"}', rb'{"content": "\\ud800 is how you write it"}', '{"content": "😀 đơn hàng"}'.encode()],
+    [
+        rb'{"content": "\ud83d\ude00"}',
+        rb'{"content": "\\ud800 is how you write it"}',
+        '{"content": "😀 đơn hàng"}'.encode(),
+    ],
     ids=["escaped-pair", "escaped-backslash", "raw-utf8"],
 )
 def test_valid_unicode_passes(raw: bytes) -> None:
@@ -200,7 +209,12 @@ def test_validating_a_typical_chat_body_costs_microseconds() -> None:
         stream=True,
         stream_options={"include_usage": True},
         top_k=40,
-        messages=[{"role": "system", "content": "Bạn là trợ lý cửa hàng."}, USER, {"role": "assistant", "content": "Dạ."}, USER],
+        messages=[
+            {"role": "system", "content": "Bạn là trợ lý cửa hàng."},
+            USER,
+            {"role": "assistant", "content": "Dạ."},
+            USER,
+        ],
     )
     runs = 2000
     seconds = min(timeit.repeat(lambda: check_served(validate_chat(body), SERVED), number=runs, repeat=3)) / runs
@@ -242,8 +256,10 @@ def test_nothing_is_refused_for_model_reasons_when_the_list_is_unknown() -> None
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        (b'{"object":"list","data":[{"id":"student","max_model_len":4096},{"id":"lora","max_model_len":null}]}',
-         ServedModels({"student": 4096, "lora": None}, "student")),
+        (
+            b'{"object":"list","data":[{"id":"student","max_model_len":4096},{"id":"lora","max_model_len":null}]}',
+            ServedModels({"student": 4096, "lora": None}, "student"),
+        ),
         (b'{"data":[]}', ServedModels({}, None)),
         (b"<html>", None),
         (b'{"data":[5]}', None),

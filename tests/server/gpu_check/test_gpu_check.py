@@ -270,9 +270,7 @@ def test_request_work_runs_tokens_on_the_cpu() -> None:
 
 
 def test_concurrent_requests_conserve_energy_and_more_tokens_get_more() -> None:
-    outcome = check_attribution(
-        torch, torch.device("cpu"), SteadySource(300.0), 100.0, 1.0, work=SleepWork()
-    )
+    outcome = check_attribution(torch, torch.device("cpu"), SteadySource(300.0), 100.0, 1.0, work=SleepWork())
     assert outcome.failures == []
     assert outcome.metrics["conservation_rel_error"] <= 1e-9
     requests = {r["name"]: r for r in outcome.metrics["requests"]}
@@ -282,10 +280,9 @@ def test_concurrent_requests_conserve_energy_and_more_tokens_get_more() -> None:
 
 
 def test_exit_code_and_table() -> None:
-    Result = CheckResult
-    skipped = Result("a", "gpu", "t", "skipped", "–", "NVML unavailable: x", 0.0, {})
-    passed = Result("b", "cpu", "t", "passed", "fine", None, 1.0, {})
-    failed = Result("c", "gpu", "t", "failed", "off", "100%: +3.00%", 2.0, {})
+    skipped = CheckResult("a", "gpu", "t", "skipped", "–", "NVML unavailable: x", 0.0, {})
+    passed = CheckResult("b", "cpu", "t", "passed", "fine", None, 1.0, {})
+    failed = CheckResult("c", "gpu", "t", "failed", "off", "100%: +3.00%", 2.0, {})
     assert runner.exit_code([skipped, passed]) == 0
     assert runner.exit_code([skipped, passed, failed]) == 1
     table = runner.format_table([skipped, passed, failed])

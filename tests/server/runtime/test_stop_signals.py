@@ -33,7 +33,9 @@ def test_exit_codes_are_the_shell_conventions() -> None:
 
 
 @pytest.mark.parametrize("first, second", [(signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)])
-def test_the_first_signal_decides_the_exit_code(stop: StopSignals, first: signal.Signals, second: signal.Signals) -> None:
+def test_the_first_signal_decides_the_exit_code(
+    stop: StopSignals, first: signal.Signals, second: signal.Signals
+) -> None:
     assert stop.exit_code is None and not stop.requested.is_set()
     stop.handle(first)
     stop.handle(second)

@@ -48,7 +48,9 @@ def broken_model(tiny_model_dir: Path, target: Path) -> Path:
 
 def test_start_failure_reports_exit_code_and_log_tail(tiny_model_dir: Path, tmp_path: Path) -> None:
     settings = Settings(vllm_port=free_port(), max_model_len=1024, kv_cache_gib=1, vllm_start_timeout_s=300)
-    supervisor = VllmSupervisor(settings, broken_model(tiny_model_dir, tmp_path / "broken"), log_stream=open(os.devnull, "w"))
+    supervisor = VllmSupervisor(
+        settings, broken_model(tiny_model_dir, tmp_path / "broken"), log_stream=open(os.devnull, "w")
+    )
     supervisor.start()
     pid = supervisor.pid
     with pytest.raises(VllmStartError) as failure:
@@ -86,7 +88,9 @@ def test_sigterm_to_serve_leaves_no_vllm_process(tiny_model_dir: Path, tmp_path:
 
 
 def test_startup_failure_through_serve_exits_with_the_reason(tiny_model_dir: Path, tmp_path: Path) -> None:
-    stack = start_stack(["--model", str(broken_model(tiny_model_dir, tmp_path / "broken")), *STACK_ARGS], tmp_path / "log")
+    stack = start_stack(
+        ["--model", str(broken_model(tiny_model_dir, tmp_path / "broken")), *STACK_ARGS], tmp_path / "log"
+    )
     try:
         assert stack.process.wait(300) == 1
         log = stack.log()

@@ -25,7 +25,7 @@ class FakeNvml:
     class NVMLError(Exception):
         pass
 
-    class NVMLError_NoPermission(NVMLError):  # noqa: N801  (pynvml's name)
+    class NVMLError_NoPermission(NVMLError):  # noqa: N801, N818  pynvml's own name, which our code looks up
         pass
 
     def __init__(self, gpus: int, fail_set_on: set[int] | None = None, fail_all_sets_after: int | None = None):
@@ -111,7 +111,7 @@ def test_a_limit_outside_the_range_changes_nothing() -> None:
 
 def test_a_refused_second_gpu_undoes_the_first() -> None:
     nvml = FakeNvml(gpus=2, fail_set_on={1})
-    with pytest.raises(PowerLimitError, match="cannot set the power limit: run as root$"):
+    with pytest.raises(PowerLimitError, match=r"cannot set the power limit: run as root$"):
         NvmlPowerLimits(nvml, (0, 1)).set(300.0)
     assert nvml.limits_mw == [450_000, 450_000]
 

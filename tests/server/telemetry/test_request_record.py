@@ -38,7 +38,9 @@ def test_a_client_that_asked_for_usage_is_sent_unchanged() -> None:
 def test_measuring_energy_asks_for_usage_on_every_chunk() -> None:
     body, wish = request_usage_in_stream({"stream": True, "model": "m"}, continuous=True)
     assert json.loads(body) == {
-        "stream": True, "model": "m", "stream_options": {"include_usage": True, "continuous_usage_stats": True}
+        "stream": True,
+        "model": "m",
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
     assert not wish.continuous
 
@@ -135,8 +137,14 @@ NESTED = (
     'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"\\"usage\\":{} và \\"choices\\":[]"}}],'
     '"usage":{"prompt_tokens":22,"total_tokens":30,"completion_tokens":8,"prompt_tokens_details":{"cached_tokens":0}}}'
 )
-FIRST_KEY = 'data: {"usage":{"prompt_tokens":22,"total_tokens":31,"completion_tokens":9},"choices":[{"index":0,"delta":{"content":"a"}}]}'
-SPACED = 'data: {"choices": [{"index": 0, "delta": {"content": "b"}}], "usage": {"prompt_tokens": 22, "completion_tokens": 10}}'
+FIRST_KEY = (
+    'data: {"usage":{"prompt_tokens":22,"total_tokens":31,"completion_tokens":9},'
+    '"choices":[{"index":0,"delta":{"content":"a"}}]}'
+)
+SPACED = (
+    'data: {"choices": [{"index": 0, "delta": {"content": "b"}}], '
+    '"usage": {"prompt_tokens": 22, "completion_tokens": 10}}'
+)
 
 
 @pytest.mark.parametrize("wish", [UsageWish(False, False), UsageWish(True, False), UsageWish(True, True)])
