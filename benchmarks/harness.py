@@ -327,11 +327,13 @@ def rotated(items: Sequence[Any], shift: int) -> list[Any]:
 
 @dataclass
 class Sample:
+    """One request as the benchmark saw it; seconds are NaN when it failed (`error` says why)."""
+
     phase: str
     target: str
     round: int
-    ttft_s: float | None
-    e2e_s: float | None
+    ttft_s: float
+    e2e_s: float
     events: int
     error: str | None
 
@@ -375,7 +377,7 @@ async def one_request(
         error = repr(exc)
     ended_s = time.perf_counter()
     if error is not None:
-        return Sample(phase, target.name, round_index, None, None, events, error)
+        return Sample(phase, target.name, round_index, math.nan, math.nan, events, error)
     return Sample(phase, target.name, round_index, (first_s or ended_s) - started_s, ended_s - started_s, events, None)
 
 

@@ -70,7 +70,7 @@ from server.runtime.ports import free_port
 from server.telemetry.percentiles import percentile
 
 CONCURRENCIES = (1, 8)
-GOALS = {
+GOALS: dict[str, Any] = {
     "throughput_ratio": {1: 0.95, 8: 0.90},  # gateway / direct, at least
     "added_ttft_p50_ms": {1: 5.0},  # at most, at concurrency 1
     "ttft_p99_ratio": {8: 1.5},  # gateway p99 / direct p99, at most, at concurrency 8
@@ -144,8 +144,8 @@ def run_level(
                     f"c{concurrency}",
                     target.name,
                     round_index,
-                    r.ttft_s if not r.error else None,
-                    r.e2e_s if not r.error else None,
+                    r.ttft_s if not r.error else math.nan,
+                    r.e2e_s if not r.error else math.nan,
                     r.output_tokens,
                     r.error or None,
                 )
@@ -249,7 +249,7 @@ def summarize(
 
 def tpot_ms(sample: Sample) -> float | None:
     """Time per output token after the first, ms (vLLM's TPOT): (E2E - TTFT) / (tokens - 1)."""
-    if sample.e2e_s is None or sample.ttft_s is None or sample.events < 2:
+    if sample.error is not None or sample.events < 2:
         return None
     return (sample.e2e_s - sample.ttft_s) * 1e3 / (sample.events - 1)
 

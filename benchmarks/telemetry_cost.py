@@ -298,7 +298,7 @@ def analyse_phase(
 ) -> dict[str, Any]:
     ok = [s for s in samples if s.error is None]
     by_target = {name: [s for s in ok if s.target == name] for name in target_names}
-    per_target = {}
+    per_target: dict[str, dict[str, Any]] = {}
     for name in target_names:
         mine = by_target[name]
         ttft_ms = [s.ttft_s * 1e3 for s in mine]

@@ -93,7 +93,7 @@ def execute(plan: RunPlan) -> RunResult:
     if plan.distributed:
         locust.runners.WORKER_REPORT_INTERVAL = WORKER_REPORT_INTERVAL_S
         port = plan.master_port or free_port()
-        runner = env.create_master_runner(plan.master_bind_host, port)
+        master = env.create_master_runner(plan.master_bind_host, port)
 
         def on_worker_report(client_id: str, data: dict[str, Any]) -> None:
             collected.extend(Sample.from_wire(s) for s in data.get(SAMPLES_KEY, []))
@@ -103,12 +103,13 @@ def execute(plan: RunPlan) -> RunResult:
         processes = [_start_worker(port, plan.out_dir / f"worker-{k}.log") for k in range(plan.workers)]
         expected = plan.workers + plan.remote_workers
         _say(f"master on port {port}: waiting for {expected} worker(s)")
-        _wait_for_workers(runner, expected, processes)
+        _wait_for_workers(master, expected, processes)
         t0_epoch = time.time() + START_LEAD_S
         feed.t0_epoch = t0_epoch
-        for k, client_id in enumerate(sorted(runner.clients, key=runner.get_worker_index)):
-            runner.send_message(PLAN_MESSAGE, feed.share(k, expected).to_plan(), client_id=client_id)
+        for k, client_id in enumerate(sorted(master.clients, key=master.get_worker_index)):
+            master.send_message(PLAN_MESSAGE, feed.share(k, expected).to_plan(), client_id=client_id)
         in_flight = lambda: sum(in_flight_by_worker.values())  # noqa: E731
+        runner: locust.runners.Runner = master
     else:
         runner = env.create_local_runner()
         setattr(env, FEED_ATTRIBUTE, feed)
@@ -160,7 +161,7 @@ def execute(plan: RunPlan) -> RunResult:
     if not plan.distributed:
         collected.extend(feed.drain())
     cpu_warning = bool(runner.cpu_warning_emitted or getattr(runner, "worker_cpu_warning_emitted", False))
-    worker_count = len(runner.clients) if plan.distributed else 0
+    worker_count = len(master.clients) if plan.distributed else 0
     runner.quit()  # a worker sends a last report (with its last samples) when told to quit
     if plan.distributed:
         gevent.sleep(WORKER_REPORT_INTERVAL_S)

@@ -229,13 +229,14 @@ def verify(model_dir: Path, reference: PreTrainedModel, tokenizer: PreTrainedTok
     written = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     prompts = [_prompt_ids(tokenizer, text) for text in VERIFY_PROMPTS]
     worst = 0.0
-    answers, identical = [], True
+    answers: list[str] = []
+    identical = True
     with torch.inference_mode():
         for ids in prompts:
             worst = max(worst, float((written(ids).logits - reference(ids).logits).abs().max()))
             ours, theirs = _greedy(written, ids, tokenizer), _greedy(reference, ids, tokenizer)
             identical = identical and ours == theirs
-            answers.append(tokenizer.decode(ours, skip_special_tokens=True))
+            answers.append(str(tokenizer.decode(ours, skip_special_tokens=True)))
     return BaseVerification(
         prompts=len(prompts),
         max_abs_logit_diff=worst,
@@ -251,11 +252,14 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
     )
-    return tokenizer(rendered, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert isinstance(rendered, str)  # tokenize=False renders text
+    ids = tokenizer(rendered, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert isinstance(ids, torch.Tensor)
+    return ids
 
 
 def _greedy(model: PreTrainedModel, ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    output = model.generate(
+    output = model.generate(  # type: ignore[operator]  # transformers types generate as a tensor attribute
         ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=GREEDY_TOKENS,

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
+from typing import cast
 
 import safetensors
 import torch
@@ -223,7 +224,7 @@ def _module_dims(module: torch.nn.Module) -> tuple[int, int] | None:
     if isinstance(module, torch.nn.Embedding):
         return module.num_embeddings, module.embedding_dim
     if type(module).__name__ == "Conv1D":
-        rows, columns = module.weight.shape
+        rows, columns = tuple(cast(torch.Tensor, module.weight).shape)
         return int(rows), int(columns)
     return None
 
@@ -504,7 +505,7 @@ def _merge(
     prompts = prompt_ids(tokenizer)
 
     progress(f"loading base from {base_dir} onto {torch_device.type} ({device_name(torch_device)})")
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(torch_device)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(torch_device)  # type: ignore[arg-type]  # transformers types .to() by its decorator, which takes a model
     progress(f"applying adapter from {adapter_dir} (LoRA r={lora_config.r}, alpha={lora_config.lora_alpha})")
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
     peft_model.eval()
@@ -520,7 +521,7 @@ def _merge(
         progress(f"saving {dtype} weights to {out_dir}")
         save_merged(merged, tokenizer, staging)
         del merged, peft_model, base
-        reloaded = AutoModelForCausalLM.from_pretrained(str(staging), dtype=DTYPES[dtype]).to(torch_device)
+        reloaded = AutoModelForCausalLM.from_pretrained(str(staging), dtype=DTYPES[dtype]).to(torch_device)  # type: ignore[arg-type]  # as above
         verification = _verify(reference, base_only, prompt_logits(reloaded, prompts), dtype, tolerance)
         progress(
             f"verified on {verification.prompts} prompts: max abs logit diff {verification.max_abs_diff:.3g} "

@@ -196,7 +196,9 @@ def load_chat_jsonl(path: Path) -> list[ChatSample]:
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    assert isinstance(rendered, str)  # tokenize=False renders text
+    return rendered
 
 
 def assistant_spans(tokenizer: PreTrainedTokenizerBase, sample: ChatSample) -> tuple[str, list[tuple[int, int]]]:
@@ -336,7 +338,7 @@ def _optimiser(
 
 
 def train_causal_lm(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     samples: Sequence[ChatSample],
     config: TrainConfig,
@@ -478,7 +480,7 @@ def load_checkpoint(
 
 
 def evaluate_loss(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     samples: Sequence[ChatSample],
     max_length: int,

@@ -341,7 +341,7 @@ def _train_lora(
     _prepare_device(torch_device)
     where = f"{torch_device.type} ({artifacts.device_name(torch_device)})"
     progress(f"loading base from {base_dir} onto {where} in {dtype}")
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=DTYPES[dtype]).to(torch_device)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=DTYPES[dtype]).to(torch_device)  # type: ignore[arg-type]  # transformers types .to() by its decorator, which takes a model
     torch.manual_seed(config.seed)
     model = attach_lora(base, lora)
     trainable, total = _parameter_counts(model)
@@ -377,7 +377,9 @@ def _train_lora(
         "base": str(base_dir),
         "base_weights_sha256": base_digests,
         "data": _file_record(data_path, len(samples)),
-        "validation": None if validation is None else _file_record(validation_path, len(validation)),
+        "validation": None
+        if validation is None or validation_path is None
+        else _file_record(validation_path, len(validation)),
         "reasoning": {
             "mode": reasoning,
             "inlined_samples": changed if reasoning == "inline" else 0,

@@ -459,7 +459,7 @@ class _Run:
                 seed=request_seed(self.generation.seed, f"questions/{topic.key}/{len(known)}/{fruitless}"),
             )
             requests += 1
-            fresh = []
+            fresh: list[str] = []
             for question in parse_questions(split_reasoning(reply.content, reply.reasoning).answer):
                 if question_key(question) not in seen and len(fresh) < count:
                     seen.add(question_key(question))

@@ -274,8 +274,8 @@ def parse_chat_reply(payload: object, attempts: int) -> ChatReply:
         content=content,
         reasoning=reasoning,
         finish_reason=choice.get("finish_reason"),
-        prompt_tokens=prompt_tokens if has_usage else 0,
-        completion_tokens=completion_tokens if has_usage else 0,
+        prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) and has_usage else 0,
+        completion_tokens=completion_tokens if isinstance(completion_tokens, int) and has_usage else 0,
         attempts=attempts,
         has_usage=has_usage,
     )

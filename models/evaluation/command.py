@@ -191,7 +191,7 @@ def api_key(variable: str, whose: str) -> str:
 
 def plan_from_args(args: argparse.Namespace) -> EvalPlan:
     """Check every flag and the eval set; `EvalError` (one line) on the first problem."""
-    targets = []
+    targets: list[Target] = []
     for text in args.target:
         label, sep, url = text.partition("=")
         if not sep or not LABEL.match(label):
@@ -286,7 +286,9 @@ async def answer_target(plan: EvalPlan, target: Target) -> TargetRun:
     prompt = sum(answer.prompt_tokens or 0 for answer in answers)
     completion = sum(answer.completion_tokens or 0 for answer in answers)
     cost = (
-        None if target.price is None else token_cost(target.price_name, target.price, prompt, completion, len(answers))
+        None
+        if target.price is None
+        else token_cost(target.price_name or "--price", target.price, prompt, completion, len(answers))
     )
     return TargetRun(target, scored, energy, cost, started_at, finished_at, sent)
 

@@ -72,7 +72,8 @@ def fact_stated(answer: str, alternatives: Sequence[str]) -> bool:
 
 
 def match_facts(answer: str, item: EvalItem) -> FactMatch:
-    stated, missing = [], []
+    stated: list[str] = []
+    missing: list[str] = []
     for fact_id, alternatives in zip(item.fact_ids, item.facts, strict=True):
         (stated if fact_stated(answer, alternatives) else missing).append(fact_id)
     return FactMatch(tuple(stated), tuple(missing))

@@ -91,7 +91,7 @@ def decide(
         route = asked.strip().lower()
         if route not in ROUTES:
             raise BadRouteHeaderError(f"{rules.header} must be 'local' or 'remote', got {asked[:40]!r}")
-        return RouteDecision(route, "header")  # type: ignore[arg-type]
+        return RouteDecision(route, "header")
     if payload is not None:
         model = payload.get("model")
         if isinstance(model, str) and model in rules.remote_models:

@@ -46,7 +46,7 @@ class ChunkWriter:
     def for_scope(cls, scope: Scope) -> ChunkWriter | None:
         """A writer when the response (already started) is chunked on uvicorn's httptools protocol."""
         cycle = getattr(scope.get(SERVER_SEND), "__self__", None)
-        if type(cycle).__module__ != _HTTPTOOLS_CYCLE:
+        if cycle is None or type(cycle).__module__ != _HTTPTOOLS_CYCLE:
             return None
         if not cycle.response_started or cycle.response_complete or cycle.chunked_encoding is not True:
             return None

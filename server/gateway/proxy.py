@@ -14,7 +14,7 @@ import operator
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiohttp
 from fastapi import Request, Response
@@ -312,8 +312,11 @@ class UpstreamProxy:
                 watch.last_s = clock()
                 out = b""
                 for event in feed(chunk):
-                    if keep is not None and (event := keep(event)) is None:
-                        continue
+                    if keep is not None:
+                        kept = keep(event)
+                        if kept is None:
+                            continue
+                        event = kept
                     if event.startswith(_DONE):
                         self._finished(record, upstream.status)
                     out = out + event if out else event
@@ -451,7 +454,7 @@ class RelayResponse(StreamingResponse):
         else:
             write = writer.write
             async for chunk in self.body_iterator:
-                if not write(chunk):
+                if not write(cast(bytes, chunk)):  # the relay yields bytes
                     return
                 if writer.paused:
                     await writer.drain()
@@ -526,8 +529,9 @@ async def _unless_disconnected(request: Request, awaitable: Awaitable[T], timeou
     it and raise ClientDisconnectedError or UpstreamSilent)."""
     work: asyncio.Future[T] = asyncio.ensure_future(awaitable)
     watch = asyncio.ensure_future(_wait_disconnect(request.receive))
+    either: set[asyncio.Future[Any]] = {work, watch}
     try:
-        await asyncio.wait({work, watch}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(either, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
     if work.done():

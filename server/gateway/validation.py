@@ -195,7 +195,8 @@ def check_served(request: ChatRequest | CompletionRequest, served: ServedModels 
     if name is not None and name not in served.max_model_len:
         known = ", ".join(served.max_model_len) or "none"
         return RequestError(404, f"The model `{name}` does not exist (served: {known}).", "model")
-    context = served.max_model_len.get(served.default if name is None else name)
+    chosen = served.default if name is None else name
+    context = None if chosen is None else served.max_model_len.get(chosen)
     if context is None:
         return None
     for field in ("max_tokens", "max_completion_tokens"):

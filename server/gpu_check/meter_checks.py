@@ -540,7 +540,7 @@ def compare_counter_and_instant(readings: Sequence[Reading]) -> dict[str, Any]:
         "counter_resets": sum(
             1
             for a, b in itertools.pairwise(usable)
-            if b.energy_j < a.energy_j  # type: ignore[operator]
+            if a.energy_j is not None and b.energy_j is not None and b.energy_j < a.energy_j
         ),
         "counter": _changes([(r.time_s, r.energy_j) for r in usable]),  # type: ignore[misc]
         "instant": _changes([(r.time_s, r.power_w) for r in usable]),  # type: ignore[misc]

@@ -14,9 +14,11 @@ module stays cheap (`student --help` does).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import models
 from server.gpu_check.results import CheckResult, Outcome, cuda_device, run_check, say
@@ -105,7 +107,7 @@ def check_train_lora(base_dir: Path, workdir: Path, device: str) -> Outcome:
         device=device,
         progress=lambda m: say(f"train-lora ({device}): {m}"),
     )
-    record = trained.record
+    record: dict[str, Any] = trained.record
     try:
         merged = merge_adapter(base_dir, trained.out_dir, workdir / f"trained-merged-{device}", device=device)
     except VerificationError as error:
@@ -143,7 +145,7 @@ def merge_checks(workdir: Path) -> list[CheckResult]:
                 f"merge_bf16_{device}",
                 device if device == "cpu" else "gpu",
                 f"student merge --dtype bfloat16 --device {device}, with its logit verification",
-                lambda device=device: merge_on(device),
+                functools.partial(merge_on, device),
             )
         )
     cpu, cuda = results

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import socket
@@ -134,7 +135,7 @@ def _uvicorn_config(settings: Settings, supervisor: VllmSupervisor | None) -> uv
         loop="uvloop",
         http="httptools",
         access_log=False,
-        timeout_graceful_shutdown=settings.drain_timeout_s,
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),  # uvicorn takes whole seconds
         log_level="info",
     )
 

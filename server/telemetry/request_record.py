@@ -59,9 +59,10 @@ class RequestRecord:
     @property
     def tpot_ms(self) -> float | None:
         """(end − first token) / (completion tokens − 1), as vLLM's benchmark defines it."""
-        if self.first_token_s is None or self.finished_s is None or (self.completion_tokens or 0) < 2:
+        tokens = self.completion_tokens
+        if self.first_token_s is None or self.finished_s is None or tokens is None or tokens < 2:
             return None
-        return (self.finished_s - self.first_token_s) * 1000 / (self.completion_tokens - 1)
+        return (self.finished_s - self.first_token_s) * 1000 / (tokens - 1)
 
     def take_usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
@@ -121,7 +122,7 @@ class StreamObserver:
             if _USAGE_KEY not in event:
                 return event
             kept = self._keep_usage_in_place(event)
-            if kept is not _UNSURE:
+            if kept is None or isinstance(kept, bytes):
                 return kept
         return self._keep_parsed(event)
 
