@@ -11,14 +11,18 @@ Why SQLite, and why this way:
 * WAL also lets `student report` read while the gateway writes; `busy_timeout` (5 s) covers the
   brief moments a checkpoint holds a lock.
 * Energy rows hold the meter's whole increase over a window, idle included, so the ledger
-  accounts for every joule measured, not only the part attributed to requests.
+  accounts for every joule measured, not only the part attributed to requests. With several
+  meters (replicas read through their hosts' DCGM exporters) each writes its own rows, naming
+  its replica; a row without one is this gateway host's own devices (NVML, RAPL).
 * No prompt or answer text is ever stored: those are customers' messages. Only counts, times
   and money.
 
 `PRAGMA user_version` is the schema version; opening an older ledger for writing migrates it
 (version 2 added `requests.key_name`, NULL in older rows; version 3 the hybrid route: `routed_to`,
-'local' in older rows, `route_reason` and `remote_cost_usd`, NULL). Times are unix seconds
-(`time.time()`), energies joules, costs in the row's `currency` unless named `_usd`.
+'local' in older rows, `route_reason` and `remote_cost_usd`, NULL; version 4 `energy.replica`, the
+replica whose own exporter measured the row, NULL for this host's devices, as every older row
+was). Times are unix seconds (`time.time()`), energies joules, costs in the row's `currency`
+unless named `_usd`.
 """
 
 from __future__ import annotations
@@ -37,18 +41,19 @@ from pathlib import Path
 __all__ = [
     "SCHEMA_VERSION",
     "DaySummary",
-    "RouteDay",
+    "EnergyDay",
     "EnergyRow",
     "Ledger",
     "LedgerError",
     "RequestRow",
+    "RouteDay",
     "daily_summary",
     "default_ledger_path",
     "read_energy",
     "read_requests",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 5000
 
 _SCHEMA = """
@@ -88,7 +93,8 @@ CREATE TABLE IF NOT EXISTS energy (
     unattributed_j REAL,
     electricity_cost REAL,
     electricity_cost_usd REAL,
-    currency TEXT NOT NULL
+    currency TEXT NOT NULL,
+    replica TEXT
 );
 CREATE INDEX IF NOT EXISTS energy_ended_at ON energy (ended_at);
 """
@@ -106,13 +112,20 @@ _MIGRATIONS = {
         "ALTER TABLE requests ADD COLUMN route_reason TEXT",
         "ALTER TABLE requests ADD COLUMN remote_cost_usd REAL",
     ),
+    3: ("ALTER TABLE energy ADD COLUMN replica TEXT",),
 }
 # What an older ledger, read as it is (`student report` never migrates), has instead of the
 # columns added since: the SQL for the value, by the version that added the column.
-_ADDED_COLUMNS = {"key_name": (2, "NULL"), "routed_to": (3, "'local'"), "route_reason": (3, "NULL"), "remote_cost_usd": (3, "NULL")}
+_ADDED_COLUMNS = {
+    "key_name": (2, "NULL"),
+    "routed_to": (3, "'local'"),
+    "route_reason": (3, "NULL"),
+    "remote_cost_usd": (3, "NULL"),
+}
+_ADDED_ENERGY_COLUMNS = {"replica": (4, "NULL")}
 _ENERGY_COLUMNS = (
     "started_at", "ended_at", "status", "source", "reason", "total_j", "idle_j", "attributed_j",
-    "unattributed_j", "electricity_cost", "electricity_cost_usd", "currency",
+    "unattributed_j", "electricity_cost", "electricity_cost_usd", "currency", "replica",
 )  # fmt: skip
 
 
@@ -168,6 +181,7 @@ class EnergyRow:
     electricity_cost: float | None  # cost of total_j in `currency` (with the wall factor)
     electricity_cost_usd: float | None
     currency: str
+    replica: str | None = None  # the replica whose own exporter measured it; None: this host's devices
 
 
 class Ledger:
@@ -214,10 +228,15 @@ class Ledger:
                         self._conn.execute(statement)
                 self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             else:
+                tables = {name for (name,) in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 for older in range(version, SCHEMA_VERSION):
                     for statement in _MIGRATIONS[older]:
-                        self._conn.execute(statement)
+                        if statement.split()[2] in tables:  # ALTER TABLE <name> ...: a missing table comes whole below
+                            self._conn.execute(statement)
                     self._conn.execute(f"PRAGMA user_version = {older + 1}")
+                for statement in _SCHEMA.split(";"):  # tables (and indexes) an older ledger never had
+                    if statement.strip():
+                        self._conn.execute(statement)
             self._conn.execute("COMMIT")
         except BaseException:
             self._conn.execute("ROLLBACK")
@@ -306,11 +325,17 @@ def read_requests(path: Path, since_unix: float = -math.inf, until_unix: float =
 
 def _request_columns(conn: sqlite3.Connection) -> list[str]:
     """The request columns to select: a ledger no gateway has migrated yet lacks the newer ones."""
+    return _columns(conn, _REQUEST_COLUMNS, _ADDED_COLUMNS)
+
+
+def _energy_columns(conn: sqlite3.Connection) -> list[str]:
+    """The energy columns to select, the same way."""
+    return _columns(conn, _ENERGY_COLUMNS, _ADDED_ENERGY_COLUMNS)
+
+
+def _columns(conn: sqlite3.Connection, names: tuple[str, ...], added: Mapping[str, tuple[int, str]]) -> list[str]:
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    return [
-        _ADDED_COLUMNS[name][1] if name in _ADDED_COLUMNS and version < _ADDED_COLUMNS[name][0] else name
-        for name in _REQUEST_COLUMNS
-    ]
+    return [added[name][1] if name in added and version < added[name][0] else name for name in names]
 
 
 def _request_row(values: tuple[object, ...]) -> RequestRow:
@@ -324,7 +349,7 @@ def read_energy(path: Path, since_unix: float = -math.inf, until_unix: float = m
     """Energy windows that ended in [since_unix, until_unix), oldest first."""
     with _read_only(path) as conn:
         cursor = conn.execute(
-            f"SELECT {', '.join(_ENERGY_COLUMNS)} FROM energy"
+            f"SELECT {', '.join(_energy_columns(conn))} FROM energy"
             " WHERE ended_at >= ? AND ended_at < ? ORDER BY ended_at, id",
             (since_unix, until_unix),
         )
@@ -346,12 +371,38 @@ class RouteDay:
 
 
 @dataclass(frozen=True, slots=True)
+class EnergyDay:
+    """One meter's energy windows on one day (a replica with its own exporter, or this host's
+    devices). The energy fields cover the "ok" windows only; None when none of them was measured
+    (never 0 for "unknown"), and `energy_reasons` says why."""
+
+    total_j: float | None
+    idle_j: float | None
+    attributed_j: float | None
+    measured_s: float  # seconds covered by its "ok" windows
+    unmeasured_s: float  # seconds covered by its "unavailable" windows
+    electricity_cost: dict[str, float]  # of total_j, per currency
+    electricity_cost_usd: float | None
+    energy_reasons: tuple[str, ...]
+
+    @property
+    def energy_status(self) -> str:
+        """ "ok", "partial" (some windows unmeasured) or "unavailable"."""
+        if self.total_j is None:
+            return "unavailable"
+        return "partial" if self.unmeasured_s > 0 else "ok"
+
+
+@dataclass(frozen=True, slots=True)
 class DaySummary:
     """One local calendar day of the ledger.
 
     A request counts on the day it finished, an energy window on the day it ended. The energy
-    fields cover only the "ok" windows; they are None when no window of the day was measured
-    (never 0 for "unknown"). `energy_reasons` says why energy was missing, where it was.
+    fields cover only the "ok" windows, summed over every meter; they are None when no window of
+    the day was measured (never 0 for "unknown"). `energy_reasons` says why energy was missing,
+    where it was (naming the replica, for a replica's own meter). `measured_s` and
+    `unmeasured_s` are the longest any one meter had, not their sum. `replicas`: each meter's own
+    day, by replica URL (None: this host's devices).
     """
 
     day: date
@@ -369,6 +420,7 @@ class DaySummary:
     electricity_cost_usd: float | None
     energy_reasons: tuple[str, ...]
     routes: Mapping[str, RouteDay] = field(default_factory=dict)  # "local", "remote": those with requests
+    replicas: Mapping[str | None, EnergyDay] = field(default_factory=dict)  # each meter's energy
 
     @property
     def remote_cost_usd(self) -> float:
@@ -377,7 +429,7 @@ class DaySummary:
 
     @property
     def energy_status(self) -> str:
-        """"ok", "partial" (some of the day's windows unmeasured) or "unavailable"."""
+        """ "ok", "partial" (some of the day's windows unmeasured) or "unavailable"."""
         if self.total_j is None:
             return "unavailable"
         return "partial" if self.unmeasured_s > 0 else "ok"
@@ -397,6 +449,7 @@ def daily_summary(db_path: Path, since_unix: float, tz: tzinfo | None = None) ->
         if first is None or last is None:
             return []
         columns = dict(zip(_REQUEST_COLUMNS, _request_columns(conn), strict=True))
+        columns["replica"] = dict(zip(_ENERGY_COLUMNS, _energy_columns(conn), strict=True))["replica"]
         days = []
         day, last_day = _local_day(first, tz), _local_day(last, tz)
         while day <= last_day:
@@ -450,29 +503,31 @@ def _summarise_day(
         ).fetchall()
     )
     energy = conn.execute(
-        "SELECT status, currency, COUNT(*), TOTAL(total_j), TOTAL(idle_j), TOTAL(attributed_j),"
+        f"SELECT {columns['replica']}, status, currency, TOTAL(total_j), TOTAL(idle_j), TOTAL(attributed_j),"
         " TOTAL(electricity_cost), SUM(electricity_cost_usd), TOTAL(ended_at - started_at)"
-        " FROM energy WHERE ended_at >= :start AND ended_at < :end GROUP BY status, currency",
+        " FROM energy WHERE ended_at >= :start AND ended_at < :end GROUP BY 1, 2, 3",
         window,
     ).fetchall()
+    groups = [(row[0], _EnergyGroup(*row[1:])) for row in energy]
     if requests == 0 and not energy:
         return None
-    reasons = [
-        reason
-        for (reason,) in conn.execute(
-            "SELECT reason FROM energy WHERE status != 'ok' AND ended_at >= :start AND ended_at < :end"
-            " GROUP BY reason ORDER BY MIN(ended_at)",
-            window,
-        )
+    reasons: dict[str | None, list[str]] = {}
+    for replica, reason in conn.execute(
+        f"SELECT {columns['replica']}, reason FROM energy WHERE status != 'ok' AND ended_at >= :start"
+        " AND ended_at < :end GROUP BY 1, 2 ORDER BY MIN(ended_at)",
+        window,
+    ):
+        reasons.setdefault(replica, []).append(reason)
+    replicas = {
+        replica: _energy_day([group for key, group in groups if key == replica], reasons.get(replica, []))
+        for replica in dict.fromkeys(key for key, _ in groups)
+    }
+    whole = _energy_day([group for _, group in groups], [])
+    day_reasons = [
+        reason if replica is None else f"{replica}: {reason}" for replica, found in reasons.items() for reason in found
     ]
-    ok = [row for row in energy if row[0] == "ok"]
     if not energy:
-        reasons.append(NO_ENERGY_ROWS)
-    measured = bool(ok)
-    electricity_cost: dict[str, float] = {}
-    for _, currency, _, _, _, _, cost, _, _ in ok:
-        electricity_cost[currency] = electricity_cost.get(currency, 0.0) + cost
-    costs_usd = [row[7] for row in ok]
+        day_reasons.append(NO_ENERGY_ROWS)
     return DaySummary(
         day=day,
         requests=int(requests),
@@ -480,19 +535,55 @@ def _summarise_day(
         prompt_tokens=int(prompt_tokens),
         completion_tokens=int(completion_tokens),
         api_cost_usd=api_cost_usd,
-        total_j=sum(row[3] for row in ok) if measured else None,
-        idle_j=sum(row[4] for row in ok) if measured else None,
-        attributed_j=sum(row[5] for row in ok) if measured else None,
-        measured_s=sum(row[8] for row in ok),
-        unmeasured_s=sum(row[8] for row in energy if row[0] != "ok"),
-        electricity_cost=electricity_cost,
-        electricity_cost_usd=sum(costs_usd) if measured and None not in costs_usd else None,
-        energy_reasons=tuple(reasons),
+        total_j=whole.total_j,
+        idle_j=whole.idle_j,
+        attributed_j=whole.attributed_j,
+        measured_s=max((part.measured_s for part in replicas.values()), default=0.0),
+        unmeasured_s=max((part.unmeasured_s for part in replicas.values()), default=0.0),
+        electricity_cost=whole.electricity_cost,
+        electricity_cost_usd=whole.electricity_cost_usd,
+        energy_reasons=tuple(day_reasons),
         routes=_route_days(conn, window, columns),
+        replicas=replicas,
     )
 
 
-def _route_days(conn: sqlite3.Connection, window: Mapping[str, float], columns: Mapping[str, str]) -> dict[str, RouteDay]:
+@dataclass(frozen=True, slots=True)
+class _EnergyGroup:
+    """The sums of one meter's energy rows of one status and currency over a day."""
+
+    status: str
+    currency: str
+    total_j: float
+    idle_j: float
+    attributed_j: float
+    electricity_cost: float
+    electricity_cost_usd: float | None  # NULL only when every row's was
+    seconds: float
+
+
+def _energy_day(groups: list[_EnergyGroup], reasons: list[str]) -> EnergyDay:
+    """A day from its groups of energy rows: the "ok" ones measured, the rest not."""
+    ok = [group for group in groups if group.status == "ok"]
+    electricity_cost: dict[str, float] = {}
+    for group in ok:
+        electricity_cost[group.currency] = electricity_cost.get(group.currency, 0.0) + group.electricity_cost
+    costs_usd = [group.electricity_cost_usd for group in ok]
+    return EnergyDay(
+        total_j=sum(group.total_j for group in ok) if ok else None,
+        idle_j=sum(group.idle_j for group in ok) if ok else None,
+        attributed_j=sum(group.attributed_j for group in ok) if ok else None,
+        measured_s=sum(group.seconds for group in ok),
+        unmeasured_s=sum(group.seconds for group in groups if group.status != "ok"),
+        electricity_cost=electricity_cost,
+        electricity_cost_usd=sum(c for c in costs_usd if c is not None) if ok and None not in costs_usd else None,
+        energy_reasons=tuple(reasons),
+    )
+
+
+def _route_days(
+    conn: sqlite3.Connection, window: Mapping[str, float], columns: Mapping[str, str]
+) -> dict[str, RouteDay]:
     found: dict[str, RouteDay] = {}
     for route, currency, requests, errors, prompt, completion, electricity, measured, remote in conn.execute(
         f"SELECT {columns['routed_to']}, currency, COUNT(*), COALESCE(SUM(status >= 400), 0),"

@@ -11,6 +11,10 @@ tokens minus the electricity and the remote's cost, in USD. Per route (local, re
 tokens, and the route's own cost: local the electricity of the energy attributed to its requests
 (idle not included), remote the API's charge. Energy that was not measured is shown as
 "unavailable" with the reason, never as 0.
+
+Per replica: where replicas are measured through their own hosts' DCGM exporters, each one's
+energy (and this host's own devices, for the replicas without one) is shown apart too, with its
+status and why it was not measured; the day's figures are their sum.
 """
 
 from __future__ import annotations
@@ -32,7 +36,15 @@ from typing import Any, TextIO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from server.accounting.energy_units import kwh
-from server.accounting.ledger import DaySummary, LedgerError, RouteDay, daily_summary, default_ledger_path
+from server.accounting.ledger import (
+    DaySummary,
+    EnergyDay,
+    LedgerError,
+    RouteDay,
+    daily_summary,
+    default_ledger_path,
+)
+from server.telemetry.energy_attribution import THIS_HOST
 
 UNAVAILABLE = "unavailable"
 NOTHING_IN_WINDOW = "no requests or energy readings in this window"
@@ -141,6 +153,20 @@ class RouteLine:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaLine:
+    """One meter's energy in a report line: a replica read through its own exporter, or this
+    host's devices (`THIS_HOST`). None: not measured, or not convertible."""
+
+    energy_status: str  # "ok" | "partial" | "unavailable"
+    energy_kwh: float | None
+    attributed_kwh: float | None
+    energy_measured_s: float
+    electricity_cost: float | None  # in Report.currency
+    electricity_cost_usd: float | None
+    energy_reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Line:
     """One row of the report: a day, or the total (`label` "TOTAL"). None: not known."""
 
@@ -160,6 +186,7 @@ class Line:
     energy_reasons: tuple[str, ...]
     remote_cost_usd: float = 0.0  # what the remote API charged (hybrid routing)
     routes: dict[str, RouteLine] | None = None  # "local", "remote": those with requests
+    replicas: dict[str, ReplicaLine] | None = None  # by replica URL, or THIS_HOST: each meter's energy
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,24 +231,38 @@ def _route_line(name: str, route: RouteDay, day: DaySummary, currency: str, usd_
     return RouteLine(route.requests, route.errors, route.prompt_tokens, route.completion_tokens, cost, cost_usd)
 
 
-def _day_line(
-    day: DaySummary, currency: str, mixed: bool, api_names: list[str], usd_rate: float | None
-) -> Line:
-    if day.total_j is None:
-        cost = cost_usd = None
-    elif mixed:
-        cost = cost_usd = day.electricity_cost_usd
-    else:
-        cost = day.electricity_cost.get(currency, 0.0)
-        if currency.upper() == "USD":
-            cost_usd = cost
-        elif usd_rate is not None:
-            cost_usd = cost / usd_rate
-        else:
-            cost_usd = day.electricity_cost_usd
-    api_cost = {
-        name: day.api_cost_usd.get(name, 0.0 if day.requests == 0 else None) for name in api_names
-    }
+def _electricity(
+    energy: DaySummary | EnergyDay, currency: str, mixed: bool, usd_rate: float | None
+) -> tuple[float | None, float | None]:
+    """(cost in the report's currency, in USD) of a day's (or one meter's) measured energy."""
+    if energy.total_j is None:
+        return None, None
+    if mixed:
+        return energy.electricity_cost_usd, energy.electricity_cost_usd
+    cost = energy.electricity_cost.get(currency, 0.0)
+    if currency.upper() == "USD":
+        return cost, cost
+    if usd_rate is not None:
+        return cost, cost / usd_rate
+    return cost, energy.electricity_cost_usd
+
+
+def _replica_line(part: EnergyDay, currency: str, mixed: bool, usd_rate: float | None) -> ReplicaLine:
+    cost, cost_usd = _electricity(part, currency, mixed, usd_rate)
+    return ReplicaLine(
+        energy_status=part.energy_status,
+        energy_kwh=_kwh(part.total_j),
+        attributed_kwh=_kwh(part.attributed_j),
+        energy_measured_s=part.measured_s,
+        electricity_cost=cost,
+        electricity_cost_usd=cost_usd,
+        energy_reasons=part.energy_reasons,
+    )
+
+
+def _day_line(day: DaySummary, currency: str, mixed: bool, api_names: list[str], usd_rate: float | None) -> Line:
+    cost, cost_usd = _electricity(day, currency, mixed, usd_rate)
+    api_cost = {name: day.api_cost_usd.get(name, 0.0 if day.requests == 0 else None) for name in api_names}
     remote_usd = day.remote_cost_usd
     spent_usd = None if cost_usd is None else cost_usd + remote_usd
     return Line(
@@ -241,6 +282,10 @@ def _day_line(
         energy_reasons=day.energy_reasons,
         remote_cost_usd=remote_usd,
         routes={name: _route_line(name, route, day, currency, usd_rate) for name, route in sorted(day.routes.items())},
+        replicas={
+            THIS_HOST if replica is None else replica: _replica_line(part, currency, mixed, usd_rate)
+            for replica, part in day.replicas.items()
+        },
     )
 
 
@@ -271,7 +316,27 @@ def _total_line(lines: list[Line], api_names: list[str]) -> Line:
         or ((NOTHING_IN_WINDOW,) if not lines else ()),
         remote_cost_usd=remote_usd,
         routes=_total_routes(lines),
+        replicas=_total_replicas(lines),
     )
+
+
+def _total_replicas(lines: list[Line]) -> dict[str, ReplicaLine]:
+    """Each meter summed over the days it has energy rows; measured days only, as the total."""
+    totals: dict[str, ReplicaLine] = {}
+    for name in dict.fromkeys(name for line in lines for name in (line.replicas or {})):
+        parts = [line.replicas[name] for line in lines if line.replicas and name in line.replicas]
+        statuses = {part.energy_status for part in parts}
+        measured = [part for part in parts if part.energy_kwh is not None]
+        totals[name] = ReplicaLine(
+            energy_status=statuses.pop() if len(statuses) == 1 else "partial",
+            energy_kwh=_sum([part.energy_kwh for part in measured]) if measured else None,
+            attributed_kwh=_sum([part.attributed_kwh for part in measured]) if measured else None,
+            energy_measured_s=sum(part.energy_measured_s for part in parts),
+            electricity_cost=_sum([part.electricity_cost for part in measured]) if measured else None,
+            electricity_cost_usd=_sum([part.electricity_cost_usd for part in measured]) if measured else None,
+            energy_reasons=tuple(dict.fromkeys(reason for part in parts for reason in part.energy_reasons)),
+        )
+    return totals
 
 
 def _total_routes(lines: list[Line]) -> dict[str, RouteLine]:
@@ -325,7 +390,14 @@ def _line_json(line: Line) -> dict[str, Any]:
         "energy_reasons": list(line.energy_reasons),
         "remote_cost_usd": line.remote_cost_usd,
         "routes": {name: asdict(route) for name, route in (line.routes or {}).items()},
+        "replicas": {name: _replica_json(part) for name, part in (line.replicas or {}).items()},
     }
+
+
+def _replica_json(part: ReplicaLine) -> dict[str, Any]:
+    document = asdict(part)
+    document["energy_reasons"] = list(part.energy_reasons)
+    return document
 
 
 def report_json(report: Report, ledger: Path, since: datetime, window: str) -> dict[str, Any]:
@@ -426,13 +498,60 @@ def render_text(report: Report, ledger: Path, since: datetime, window: str) -> s
     if hybrid:
         print("\nBy route: local = the student (electricity attributed to its requests, idle not included);", file=out)
         print("remote = the remote API (tokens × its price)", file=out)
-        print(_table([("", ["date", "route", "requests", "errors", "prompt tokens", "completion tokens",
-                            f"electricity {report.currency}".strip(), "cost USD"])], _route_rows(lines)), file=out)
+        print(
+            _table(
+                [
+                    (
+                        "",
+                        [
+                            "date",
+                            "route",
+                            "requests",
+                            "errors",
+                            "prompt tokens",
+                            "completion tokens",
+                            f"electricity {report.currency}".strip(),
+                            "cost USD",
+                        ],
+                    )
+                ],
+                _route_rows(lines),
+            ),
+            file=out,
+        )
+
+    if _by_replica(lines):
+        print("\nEnergy by replica: each measured on its own host (DCGM exporter), or on this host", file=out)
+        columns = ["date", "replica", "kWh measured", "kWh attributed", f"electricity {report.currency}".strip(), "USD"]
+        print(_table([("", columns)], _replica_rows(lines)), file=out)
 
     print(file=out)
     for note in _notes(report):
         print(note, file=out)
     return out.getvalue().rstrip("\n")
+
+
+def _by_replica(lines: list[Line]) -> bool:
+    """Worth a table: some replica is measured on its own host (not only this host's devices)."""
+    return any(name != THIS_HOST for line in lines for name in (line.replicas or {}))
+
+
+def _replica_rows(lines: list[Line]) -> list[list[str]]:
+    """One row per day and meter; unmeasured energy says so, marked `*` when only partly measured."""
+    pairs = [(line, name, part) for line in lines for name, part in (line.replicas or {}).items()]
+    marks = ["*" if part.energy_status == "partial" else " " for _, _, part in pairs]
+    if not any(mark == "*" for mark in marks):
+        marks = [""] * len(pairs)
+    energy = _numbers([part.energy_kwh for _, _, part in pairs], 3, marks)
+    attributed = _numbers([part.attributed_kwh for _, _, part in pairs], 3)
+    cost = _numbers([part.electricity_cost for _, _, part in pairs], 0)
+    usd = _numbers([part.electricity_cost_usd for _, _, part in pairs], 2)
+    return [
+        [line.label, name, kwh_text, attributed_text, cost_text, usd_text]
+        for (line, name, _), kwh_text, attributed_text, cost_text, usd_text in zip(
+            pairs, energy, attributed, cost, usd, strict=True
+        )
+    ]
 
 
 def _route_rows(lines: list[Line]) -> list[list[str]]:

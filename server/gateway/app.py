@@ -17,23 +17,24 @@ from contextlib import asynccontextmanager
 import aiohttp
 from fastapi import FastAPI
 
-from server.telemetry import dashboard
+from server.accounting.ledger import Ledger
 from server.control.admission import AdmissionMiddleware, Slots
 from server.control.auth import AccessMiddleware, TokenLimiter, load_keys
 from server.control.balancer import Balancer, health_probe
+from server.control.hybrid_routing import LocalState, RouteMiddleware, routed_remote
 from server.gateway.catalog import ModelCatalog
 from server.gateway.client_socket import GatewayApp
-from server.telemetry.energy_attribution import EnergyMeter
-from server.gateway.errors import install_error_handlers
-from server.accounting.ledger import Ledger
-from server.telemetry.power_limits import apply_power_limit
-from server.telemetry.power_sources import PowerSource, cuda_visible_devices, detect_power_source
-from server.gateway.proxy import StreamTimeouts, UpstreamProxy, UpstreamTarget, create_upstream_session
-from server.telemetry.recorder import RequestRecorder
 from server.gateway.endpoints import router
-from server.control.hybrid_routing import LocalState, RouteMiddleware, routed_remote
+from server.gateway.errors import install_error_handlers
+from server.gateway.proxy import StreamTimeouts, UpstreamProxy, UpstreamTarget, create_upstream_session
 from server.runtime.settings import Settings
 from server.runtime.vllm_supervisor import VllmSupervisor
+from server.telemetry import dashboard
+from server.telemetry.dcgm_source import DEFAULT_TIMEOUT_S, DcgmExporterSource
+from server.telemetry.energy_attribution import LOCAL_METER, THIS_HOST, EnergyMeter, ReplicaMeter, ReplicaMeters
+from server.telemetry.power_limits import apply_power_limit
+from server.telemetry.power_sources import PowerSource, UnavailableSource, cuda_visible_devices, detect_power_source
+from server.telemetry.recorder import RequestRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,7 @@ def create_app(
         try:
             if not settings.telemetry:
                 logger.warning("telemetry is off: no metrics, stats, energy or ledger")
-                app.state.proxy = UpstreamProxy(
-                    session, balancer, settings.ready_timeout_s, stream_timeouts=timeouts
-                )
+                app.state.proxy = UpstreamProxy(session, balancer, settings.ready_timeout_s, stream_timeouts=timeouts)
                 app.state.remote_proxy = _remote_proxy(settings, session, None, timeouts)
                 yield
                 return
@@ -160,36 +159,68 @@ def _token_limiter(settings: Settings) -> TokenLimiter | None:
 async def _telemetry(
     settings: Settings, power_source: PowerSource | None, token_limiter: TokenLimiter | None = None
 ) -> AsyncIterator[RequestRecorder]:
-    """The energy meter (sampler thread), the ledger and the recorder that feeds them (and charges
-    `token_limiter`, if any, with each finished request's tokens)."""
-    source = power_source or detect_power_source(
-        settings.power_source, nvml_devices=cuda_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))
-    )
-    meter = EnergyMeter(
-        source, idle_w=settings.idle_w, idle_window_s=settings.idle_window_s, sample_hz=settings.energy_sample_hz
-    )
-    ledger = Ledger(settings.ledger_path)
-    restore_limits = apply_power_limit(settings.power_limit_w, source)
+    """The energy meters (a sampler thread each), the ledger and the recorder that feeds them (and
+    charges `token_limiter`, if any, with each finished request's tokens)."""
+    meters, local = _energy_meters(settings, power_source)
     try:
-        if meter.start():
-            logger.info("energy: measuring with %s", source.name)
-        else:
-            logger.warning("energy: not measured: %s", source.reason)
-        recorder = RequestRecorder(settings, meter, ledger, token_limiter.charge if token_limiter else None)
-        recorder.metrics.add_power_limit(meter.power_limit_w)
-        recorder.metrics.add_api_prices(settings.api_prices)
-        history = asyncio.create_task(recorder.keep_energy_history(), name="energy-history")
+        ledger = Ledger(settings.ledger_path)
+        restore_limits = apply_power_limit(settings.power_limit_w, local)
         try:
-            yield recorder
+            for entry in meters.meters:
+                where = THIS_HOST if entry.key == LOCAL_METER else f"replica {entry.key}"
+                if not entry.meter.start():
+                    logger.warning("energy of %s: not measured: %s", where, entry.meter.source.reason)
+                elif entry.exporter is not None:
+                    every_s = settings.energy_exporter_interval_s
+                    logger.info("energy of %s: reading the DCGM exporter %s every %g s", where, entry.exporter, every_s)
+                else:
+                    logger.info("energy of %s: measuring with %s", where, entry.meter.source.name)
+            recorder = RequestRecorder(settings, meters, ledger, token_limiter.charge if token_limiter else None)
+            recorder.metrics.add_power_limit(meters.power_limit_w)
+            recorder.metrics.add_api_prices(settings.api_prices)
+            history = asyncio.create_task(recorder.keep_energy_history(), name="energy-history")
+            try:
+                yield recorder
+            finally:
+                history.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await history
+                meters.stop()
+                recorder.write_energy_rows()
         finally:
-            history.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await history
-            meter.stop()
-            recorder.write_energy_row()
+            try:
+                ledger.close()
+            finally:
+                restore_limits()
     finally:
-        try:
-            ledger.close()
-            restore_limits()
-        finally:
-            source.close()
+        local.close()
+        for entry in meters.meters:
+            if entry.meter.source is not local:
+                entry.meter.source.close()
+
+
+def _energy_meters(settings: Settings, power_source: PowerSource | None) -> tuple[ReplicaMeters, PowerSource]:
+    """One meter per replica with a DCGM exporter (`--energy-exporter`), and one on this host's own
+    devices (`power_source`, else NVML or RAPL) for the replicas without one. Returns the meters and
+    the local source (unused, and unavailable, when every replica has an exporter)."""
+    urls, exporters = settings.upstream_base_urls, settings.energy_exporters
+    local_urls = tuple(url for url in urls if url not in exporters)
+    entries = []
+    if local_urls:
+        local = power_source or detect_power_source(
+            settings.power_source, nvml_devices=cuda_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        )
+        meter = EnergyMeter(
+            local, idle_w=settings.idle_w, idle_window_s=settings.idle_window_s, sample_hz=settings.energy_sample_hz
+        )
+        entries.append(ReplicaMeter(LOCAL_METER, meter, local_urls))
+    else:
+        local = power_source or UnavailableSource("every replica is measured through its own DCGM exporter")
+    interval_s = settings.energy_exporter_interval_s
+    for url in urls:
+        target = exporters.get(url)
+        if target is not None:
+            source = DcgmExporterSource(target, timeout_s=DEFAULT_TIMEOUT_S)
+            meter = EnergyMeter(source, idle_window_s=settings.idle_window_s, sample_hz=1.0 / interval_s)
+            entries.append(ReplicaMeter(url, meter, (url,), target.url))
+    return ReplicaMeters(entries), local

@@ -75,6 +75,12 @@ FLAGS: tuple[Flag, ...] = (
     ),
     Flag("--ledger", "ledger_path", MEASURING, {"type": Path}),
     Flag("--power-source", "power_source", MEASURING, {"choices": ["auto", "nvml", "rapl", "none"]}),
+    Flag(
+        "--energy-exporter",
+        "energy_exporters",
+        MEASURING,
+        {"metavar": "URL=EXPORTER_URL[#GPUS]", "action": "append"},
+    ),
     Flag("--power-limit-w", "power_limit_w", MEASURING, {"type": float}),
     Flag("--idle-w", "idle_w", MEASURING, {"type": float}),
     Flag("--price-per-kwh", "price_per_kwh", MEASURING, {"type": float}),
@@ -94,7 +100,7 @@ def default_text(setting: str) -> str | None:
     """The setting's default as the docs show it; None when the description says what happens."""
     info = Settings.model_fields[setting]
     default = info.get_default(call_default_factory=True)
-    if default is None or default == []:
+    if default is None or default == [] or default == {}:
         return None
     if isinstance(default, bool):
         return "on" if default else "off"

@@ -16,9 +16,10 @@ from urllib.parse import urlparse
 from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from server.accounting.tariff import DEFAULT_PRICE_PER_KWH_VND, DEFAULT_USD_RATE, ApiPrice, Tariff, default_api_prices
 from server.accounting.ledger import default_ledger_path
+from server.accounting.tariff import DEFAULT_PRICE_PER_KWH_VND, DEFAULT_USD_RATE, ApiPrice, Tariff, default_api_prices
 from server.control.hybrid_routing import DEFAULT_KEYWORDS, DEFAULT_ROUTE_HEADER, RoutingRules
+from server.telemetry.dcgm_source import DEFAULT_INTERVAL_S, ExporterTarget, parse_exporter_spec
 
 Device = Literal["auto", "cpu", "gpu"]
 PowerSourceChoice = Literal["auto", "nvml", "rapl", "none"]
@@ -117,6 +118,16 @@ class Settings(BaseSettings):
         None, gt=0, description="cap each GPU at this many watts at start (NVML, needs root); restored at exit"
     )
     energy_ledger_interval_s: float = Field(60.0, gt=0, description="how often energy totals go to the ledger")
+    # Per-replica energy from each replica host's DCGM exporter (server/telemetry/dcgm_source.py).
+    energy_exporters: Annotated[dict[str, ExporterTarget], NoDecode] = Field(
+        default_factory=dict,
+        description="read the energy of replica URL from the DCGM exporter on its host, e.g. http://gpu1:9400/metrics, "
+        "summing GPUS (gpu indices or GPU-... UUIDs, comma-separated; default: all it lists); replicas without one "
+        "are measured on this host (repeatable)",
+    )
+    energy_exporter_interval_s: float = Field(
+        DEFAULT_INTERVAL_S, gt=0, le=60, description="how often each DCGM exporter is read, in seconds"
+    )
 
     price_per_kwh: float = Field(DEFAULT_PRICE_PER_KWH_VND, ge=0, description="electricity price per kWh")
     currency: str = Field("VND", description="currency of the electricity price")
@@ -182,6 +193,42 @@ class Settings(BaseSettings):
             roots.append(root)
         return roots
 
+    @field_validator("energy_exporters", mode="before")
+    @classmethod
+    def _parse_exporters(cls, value: Any) -> Any:
+        """`REPLICA=EXPORTER[#GPU,...]` strings (the flag, repeated), or from the environment a JSON
+        object {replica: "EXPORTER[#GPU,...]" or {"url": ..., "gpus": [...]}}, a JSON list of such
+        strings, or a comma list (a part without '=' continues the GPU list before it)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith(("{", "[")):
+                value = json.loads(text)
+            else:
+                value = []
+                for part in (part.strip() for part in text.split(",")):
+                    if part and "=" not in part and value:
+                        value[-1] += "," + part
+                    elif part:
+                        value.append(part)
+        if isinstance(value, dict):
+            parsed = {}
+            for replica, target in value.items():
+                if isinstance(target, dict):  # {"url": ..., "gpus": [...]}
+                    gpus = ",".join(str(gpu) for gpu in target.get("gpus") or ())
+                    target = f"{target.get('url', '')}" + (f"#{gpus}" if gpus else "")
+                root, exporter = parse_exporter_spec(f"{replica}={target}")  # (an ExporterTarget prints as one)
+                parsed[root] = exporter
+            return parsed
+        if isinstance(value, (list, tuple)):
+            parsed = {}
+            for spec in value:
+                root, exporter = parse_exporter_spec(str(spec))
+                if root in parsed:
+                    raise ValueError(f"energy exporter for {root} is given twice")
+                parsed[root] = exporter
+            return parsed
+        return value
+
     @field_validator("remote_url")
     @classmethod
     def _remote_is_http(cls, url: str | None) -> str | None:
@@ -219,7 +266,8 @@ class Settings(BaseSettings):
             return self
         if not self.remote_model:
             raise ValueError(
-                "remote_url needs remote_model (--remote-model / STUDENT_REMOTE_MODEL): the model name sent to the remote"
+                "remote_url needs remote_model (--remote-model / STUDENT_REMOTE_MODEL): "
+                "the model name sent to the remote"
             )
         self._remote_price()  # fails now, not at the first remote request
         if self.remote_api_key_env is not None:
@@ -236,7 +284,7 @@ class Settings(BaseSettings):
         text = (self.remote_price or "").strip()
         if not text:
             if self.remote_model in self.api_prices:
-                return self.api_prices[self.remote_model]  # type: ignore[index]
+                return self.api_prices[self.remote_model]
             raise ValueError(
                 f"remote_price (--remote-price / STUDENT_REMOTE_PRICE) is needed to account the remote's cost: "
                 f"USD per 1M tokens as 'IN,OUT' or one number, or one of {sorted(self.api_prices)}"
@@ -253,9 +301,18 @@ class Settings(BaseSettings):
             ) from None
         if len(numbers) not in (1, 2) or any(not number >= 0 for number in numbers):
             raise ValueError(f"remote_price {text!r}: one or two numbers >= 0 (USD per 1M input, output tokens)")
-        return ApiPrice(
-            input_usd_per_mtok=numbers[0], output_usd_per_mtok=numbers[-1], source=f"remote_price {text!r}"
-        )
+        return ApiPrice(input_usd_per_mtok=numbers[0], output_usd_per_mtok=numbers[-1], source=f"remote_price {text!r}")
+
+    @model_validator(mode="after")
+    def _exporters_name_upstreams(self) -> Settings:
+        """Each energy exporter belongs to one of the replicas the gateway fronts."""
+        unknown = [replica for replica in self.energy_exporters if replica not in self.upstream_base_urls]
+        if unknown:
+            raise ValueError(
+                f"energy exporter given for {', '.join(unknown)}, which is not an upstream "
+                f"(--upstream: {', '.join(self.upstream_base_urls)})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Settings:

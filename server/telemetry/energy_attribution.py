@@ -17,19 +17,48 @@ equally among them: an estimate, the best the gateway can see.
 
 So, always: sum of per-request energy + idle_j + unattributed_j == total_j (up to rounding).
 
-Device access lives in `server.telemetry.power_sources`; this module only calls `source.read()`.
+A reading with neither energy nor power (a failed scrape, a lost device) is a gap: the intervals
+on both sides of it are counted as gaps and measure nothing (their energy is in no total, never
+a 0 J that was not measured, nor an hour's energy given to whatever runs when readings resume).
+
+Sources read over the network (`networked = True`: the DCGM exporter,
+`server.telemetry.dcgm_source`) are read only from the sampler thread, never while finishing a
+request on the event loop; a request that finishes before the exporter's next update leaves its
+tokens as a weight of that interval whose share goes to `unattributed_j` (not to the requests
+still running). Such a source may become unavailable and come back: the meter keeps sampling and
+tracking requests throughout; a request whose energy is incomplete (it spanned a gap or ended
+while the source was unavailable) gets None, and what it had been given moves to
+`unattributed_j`. So does one that ran entirely between two updates of the exporter: no
+measurement covers it alone.
+
+Several replicas (`ReplicaMeters`): one meter per replica that has its own source (its host's
+DCGM exporter), and the local meter (this host's NVML or RAPL) shared by those that have none;
+each conserves energy on its own.
+
+Device access lives in `server.telemetry.power_sources` and `server.telemetry.dcgm_source`; this
+module only calls `source.read()`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from server.telemetry.power_sources import PowerSource, Reading, SourceStatus
 
-__all__ = ["EnergyMeter", "EnergySnapshot", "IntervalEnergy", "interval_energy_j"]
+__all__ = [
+    "LOCAL_METER",
+    "THIS_HOST",
+    "EnergyMeter",
+    "EnergySnapshot",
+    "IntervalEnergy",
+    "ReplicaMeter",
+    "ReplicaMeters",
+    "combined_snapshot",
+    "interval_energy_j",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +132,8 @@ class _Request:
     reports_tokens: bool = True
     energy_j: float = 0.0
     pending_tokens: int = 0
+    complete: bool = True  # False once it spanned a gap: its energy is not known in full
+    intervals: int = 0  # measured intervals that closed while it ran
 
 
 class EnergyMeter:
@@ -116,7 +147,8 @@ class EnergyMeter:
     while requests run.
 
     With an unavailable source the meter measures nothing: no thread, request methods return
-    None at once, and the snapshot's totals are None (never a 0 J that was not measured).
+    None at once, and the snapshot's totals are None (never a 0 J that was not measured). A
+    networked source (see the module docstring) is sampled and tracked even while unavailable.
     """
 
     def __init__(
@@ -133,6 +165,7 @@ class EnergyMeter:
         if idle_window_s <= 0 or sample_hz <= 0 or zero_energy_warn_intervals < 1:
             raise ValueError("idle_window_s and sample_hz must be > 0, zero_energy_warn_intervals >= 1")
         self._source = source
+        self._networked = bool(getattr(source, "networked", False))
         self._idle_w = idle_w
         self._idle_window_s = idle_window_s
         self._period_s = 1.0 / sample_hz
@@ -141,6 +174,7 @@ class EnergyMeter:
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()  # readings reach tick() in the order they were taken
         self._requests: dict[RequestId, _Request] = {}
+        self._departed: list[_Request] = []  # finished inside the open interval (networked sources)
         self._last: Reading | None = None
         self._last_power_w: float | None = None
         self._total_j = 0.0
@@ -152,6 +186,7 @@ class EnergyMeter:
         self._intervals = 0
         self._resets = 0
         self._gaps = 0
+        self._gap_streak = 0
         self._zero_streak = 0
 
         self._stop_event = threading.Event()
@@ -159,7 +194,18 @@ class EnergyMeter:
 
     @property
     def measuring(self) -> bool:
+        """The source reads now: the snapshot has totals."""
         return self._source.status == "ok"
+
+    @property
+    def tracking(self) -> bool:
+        """Requests are followed and the source sampled: while measuring, and always for a
+        networked source (it may come back)."""
+        return self._networked or self._source.status == "ok"
+
+    @property
+    def source(self) -> PowerSource:
+        return self._source
 
     # --- requests -------------------------------------------------------------------------
 
@@ -169,7 +215,7 @@ class EnergyMeter:
         `reports_tokens=False`: the request's tokens are unknown until it ends; it gets an
         estimated share of every interval it is in flight (see the module docstring).
         """
-        if not self.measuring:
+        if not self.tracking:
             return None
         with self._lock:
             if request_id in self._requests:
@@ -179,7 +225,7 @@ class EnergyMeter:
 
     def add_tokens(self, request_id: RequestId, tokens: int) -> None:
         """Report tokens the request processed just now (prompt at prefill, output as it streams)."""
-        if not self.measuring:
+        if not self.tracking:
             return None
         if tokens < 0:
             raise ValueError(f"token count must be >= 0, got {tokens}")
@@ -188,21 +234,30 @@ class EnergyMeter:
         return None
 
     def finish_request(self, request_id: RequestId) -> float | None:
-        """Stop attributing to `request_id`; returns its joules (None when not measuring).
+        """Stop attributing to `request_id`; returns its joules (None when not measuring, or when
+        its energy is not known in full: it spanned a gap, or, with a networked source, no update
+        of the source fell while it ran).
 
         While the sampler runs, the open interval is closed first (one extra reading), so a
         request shorter than the sampling period still gets its share of the energy it used.
         Without the sampler (replayed traces), tokens reported since the last interval closed
-        get no energy: later intervals are not given to a finished request.
+        get no energy: later intervals are not given to a finished request. A networked source is
+        not read here (that would block the caller on HTTP); see the module docstring.
         """
-        if not self.measuring:
+        if not self.tracking:
             return None
-        if self.sampling:
+        if self.sampling and not self._networked:
             self._read_and_tick()
         with self._lock:
             request = self._request(request_id)
             del self._requests[request_id]
-            return request.energy_j
+            if self._networked and (request.pending_tokens > 0 or not request.reports_tokens):
+                self._departed.append(request)  # still weighs the open interval; its share goes unattributed
+            if self.measuring and request.complete and (request.intervals or not self._networked):
+                return request.energy_j
+            self._attributed_j -= request.energy_j  # given to a request that cannot report it
+            self._unattributed_j += request.energy_j
+            return None
 
     def _request(self, request_id: RequestId) -> _Request:
         try:
@@ -218,7 +273,7 @@ class EnergyMeter:
         The first reading is only a baseline; a reading not later than the previous one is
         ignored. Pending tokens are used up by each interval, whatever happens to its energy.
         """
-        if not self.measuring:
+        if not self.tracking:
             return
         with self._lock:
             previous = self._last
@@ -232,11 +287,18 @@ class EnergyMeter:
             interval = interval_energy_j(previous, reading)
             self._intervals += 1
             self._note_anomalies(interval)
+            if not interval.measured:  # a gap: nothing to split, nor to learn idle power from
+                self._last_power_w = None
+                for request in self._requests.values():
+                    request.pending_tokens = 0
+                    request.complete = False
+                self._departed.clear()
+                return
             energy_j = interval.energy_j
             self._total_j += energy_j
             self._last_power_w = reading.power_w if reading.power_w is not None else energy_j / elapsed_s
 
-            if self._idle_w is None and not self._requests:
+            if self._idle_w is None and not self._requests and not self._departed:
                 self._measure_idle(energy_j, elapsed_s)
                 return
             idle_w = self._idle_w if self._idle_w is not None else self._idle_estimate_w() or 0.0
@@ -245,25 +307,33 @@ class EnergyMeter:
             self._attribute(energy_j - idle_j)
 
     def _attribute(self, active_j: float) -> None:
-        """Split active energy by each request's weight this interval; clear the pending tokens."""
-        weights = self._weights()
+        """Split active energy by each request's weight this interval; clear the pending tokens.
+
+        Requests that finished inside the interval (`_departed`, networked sources only) weigh
+        in too, but their share is unattributed: it reached them too late to report.
+        """
+        running = list(self._requests.values())
+        weights = self._weights([*running, *self._departed])
         total_weight = sum(weights)
         if active_j > 0 and total_weight > 0:
-            for request, weight in zip(self._requests.values(), weights, strict=True):
+            for request, weight in zip(running, weights, strict=False):
                 request.energy_j += active_j * weight / total_weight
-            self._attributed_j += active_j
+            late_j = active_j * sum(weights[len(running) :]) / total_weight if self._departed else 0.0
+            self._attributed_j += active_j - late_j
+            self._unattributed_j += late_j
         else:
             self._unattributed_j += active_j
-        for request in self._requests.values():
+        for request in running:
             request.pending_tokens = 0
+            request.intervals += 1
+        self._departed.clear()
 
-    def _weights(self) -> list[float]:
+    @staticmethod
+    def _weights(requests: Sequence[_Request]) -> list[float]:
         """Reported tokens; a request that cannot report counts as the mean reporter (or 1)."""
-        reported = [r.pending_tokens for r in self._requests.values() if r.reports_tokens and r.pending_tokens > 0]
+        reported = [r.pending_tokens for r in requests if r.reports_tokens and r.pending_tokens > 0]
         silent_weight = sum(reported) / len(reported) if reported else 1.0
-        return [
-            float(r.pending_tokens) if r.reports_tokens else silent_weight for r in self._requests.values()
-        ]
+        return [float(r.pending_tokens) if r.reports_tokens else silent_weight for r in requests]
 
     def _measure_idle(self, energy_j: float, elapsed_s: float) -> None:
         """An interval inside the idle window with nothing running: all of it is idle energy."""
@@ -289,7 +359,19 @@ class EnergyMeter:
             )
         if not interval.measured:
             self._gaps += 1
-            logger.warning("energy: a reading had neither energy nor power; that interval is not counted")
+            self._gap_streak += 1
+            if self._gap_streak == 1:
+                logger.warning(
+                    "energy: %s gave a reading with neither energy nor power (%s); intervals without readings "
+                    "are not counted",
+                    self._source.name,
+                    self._source.reason,
+                )
+        elif self._gap_streak:
+            logger.info(
+                "energy: %s readings resumed after %d interval(s) not counted", self._source.name, self._gap_streak
+            )
+            self._gap_streak = 0
         if self._requests and interval.measured and interval.energy_j == 0:
             self._zero_streak += 1
             if self._zero_streak == self._zero_warn_intervals:
@@ -316,9 +398,7 @@ class EnergyMeter:
         status, reason, name = self._source.status, self._source.reason, self._source.name
         with self._lock:
             if status != "ok":
-                return EnergySnapshot(
-                    status, reason, name, None, None, None, None, None, None, None, False, 0, 0, 0, 0
-                )
+                return EnergySnapshot(status, reason, name, None, None, None, None, None, None, None, False, 0, 0, 0, 0)
             return EnergySnapshot(
                 status=status,
                 reason=reason,
@@ -340,8 +420,8 @@ class EnergyMeter:
     # --- sampler thread -------------------------------------------------------------------
 
     def start(self) -> bool:
-        """Start the sampler thread; returns False (and starts nothing) when not measuring."""
-        if not self.measuring:
+        """Start the sampler thread; returns False (and starts nothing) when not tracking."""
+        if not self.tracking:
             return False
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("energy sampler already running")
@@ -373,8 +453,125 @@ class EnergyMeter:
             except Exception:
                 logger.exception("energy: sampler failed; measuring stopped")
                 return
-            if not self.measuring:
+            if not self.tracking:
                 logger.warning("energy: measuring stopped (%s)", self._source.reason)
                 return
             if self._stop_event.wait(self._period_s):
                 return
+
+
+# --- several replicas ---------------------------------------------------------------------
+
+LOCAL_METER = "local"  # the key of the meter that reads this host's own devices (NVML, RAPL)
+THIS_HOST = "this host"  # how people read that key
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaMeter:
+    """A meter and the replicas whose requests it measures.
+
+    `key`: LOCAL_METER for this host's own devices, shared by every replica without a source of
+    its own; else the replica's base URL. `exporter`: where that replica's source reads (its DCGM
+    exporter's URL); None for the local meter.
+    """
+
+    key: str
+    meter: EnergyMeter
+    urls: tuple[str, ...]
+    exporter: str | None = None
+
+    @property
+    def label(self) -> str:
+        return THIS_HOST if self.key == LOCAL_METER else self.key
+
+
+class ReplicaMeters:
+    """The gateway's energy meters: which one measures the requests a replica serves."""
+
+    def __init__(self, meters: Sequence[ReplicaMeter]):
+        if not meters:
+            raise ValueError("at least one energy meter is needed")
+        keys = [entry.key for entry in meters]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"energy meters with the same key: {keys}")
+        self.meters = tuple(meters)
+        self._by_url = {url: entry.meter for entry in meters for url in entry.urls}
+
+    @classmethod
+    def single(cls, meter: EnergyMeter, urls: Sequence[str] = ()) -> ReplicaMeters:
+        """One local meter for every replica (no replica has a source of its own)."""
+        return cls([ReplicaMeter(LOCAL_METER, meter, tuple(urls))])
+
+    @property
+    def only(self) -> EnergyMeter | None:
+        """The meter when there is just one: every request is its, whichever replica serves it."""
+        return self.meters[0].meter if len(self.meters) == 1 else None
+
+    def for_upstream(self, url: str) -> EnergyMeter | None:
+        """The meter of the replica at `url` (None for one no meter measures, e.g. "gateway")."""
+        only = self.only
+        return only if only is not None else self._by_url.get(url)
+
+    @property
+    def tracking(self) -> bool:
+        return any(entry.meter.tracking for entry in self.meters)
+
+    def stop(self) -> None:
+        for entry in self.meters:
+            entry.meter.stop()
+
+    def snapshot(self) -> EnergySnapshot:
+        """All meters as one (`combined_snapshot`): what /metrics and the top of /stats show."""
+        return combined_snapshot([(entry.label, entry.meter.snapshot()) for entry in self.meters])
+
+    def power_limit_w(self) -> float | None:
+        """The enforced power caps summed over the meters that can read one (NVML), in W."""
+        limits = [limit for entry in self.meters if (limit := entry.meter.power_limit_w()) is not None]
+        return sum(limits) if limits else None
+
+
+def _sum_or_none(values: Sequence[float | None]) -> float | None:
+    return None if None in values else sum(value for value in values if value is not None)
+
+
+def combined_snapshot(parts: Sequence[tuple[str, EnergySnapshot]]) -> EnergySnapshot:
+    """Several meters' snapshots (each with a label: a replica URL, or "this host") as one.
+
+    One part is returned as it is. Otherwise the totals, power and idle power (W) are the sums over
+    the meters that measure; the status is "ok" when at least one measures, and the reason names
+    each that does not, and why. Totals are None only when none measures.
+    """
+    if len(parts) == 1:
+        return parts[0][1]
+    measured = [snapshot for _, snapshot in parts if snapshot.status == "ok" and snapshot.total_j is not None]
+    missing = [(label, snapshot) for label, snapshot in parts if snapshot.status != "ok" or snapshot.total_j is None]
+    source = "+".join(dict.fromkeys(snapshot.source for _, snapshot in parts))
+    in_flight = sum(snapshot.requests_in_flight for snapshot in measured)
+    if not measured:
+        reason = "; ".join(f"{label}: {snapshot.reason}" for label, snapshot in parts)
+        return EnergySnapshot(
+            "unavailable", reason, source, None, None, None, None, None, None, None, False, 0, 0, 0, 0
+        )
+    if missing:
+        reason = f"measured on {len(measured)} of {len(parts)} meters; not measured: " + "; ".join(
+            f"{label}: {snapshot.reason}" for label, snapshot in missing
+        )
+    else:
+        reason = "; ".join(f"{label}: {snapshot.reason}" for label, snapshot in parts)
+    return EnergySnapshot(
+        status="ok",
+        reason=reason,
+        source=source,
+        total_j=sum(snapshot.total_j or 0.0 for snapshot in measured),
+        active_j=sum(snapshot.active_j or 0.0 for snapshot in measured),
+        attributed_j=sum(snapshot.attributed_j or 0.0 for snapshot in measured),
+        idle_j=sum(snapshot.idle_j or 0.0 for snapshot in measured),
+        unattributed_j=sum(snapshot.unattributed_j or 0.0 for snapshot in measured),
+        power_w=_sum_or_none([snapshot.power_w for snapshot in measured]),
+        idle_w=_sum_or_none([snapshot.idle_w for snapshot in measured]),
+        idle_measuring=any(snapshot.idle_measuring for snapshot in measured),
+        requests_in_flight=in_flight,
+        intervals=sum(snapshot.intervals for snapshot in measured),
+        resets=sum(snapshot.resets for snapshot in measured),
+        gaps=sum(snapshot.gaps for snapshot in measured),
+    )

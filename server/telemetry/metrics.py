@@ -31,7 +31,26 @@ from server.telemetry.request_record import RequestRecord
 
 # Seconds. Small local models answer in tens of ms; a queued long answer on a busy card in minutes.
 TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 30, 60)
-TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+TPOT_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1,
+    2.5,
+)
 E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 
 
@@ -75,43 +94,62 @@ class GatewayMetrics:
             "student_request_energy_joules", "Energy attributed to requests", labels, registry=self.registry
         )
         self.ttft = Histogram(
-            "student_time_to_first_token_seconds", "Time to first token (streams)", labels,
-            buckets=TTFT_BUCKETS_S, registry=self.registry,
+            "student_time_to_first_token_seconds",
+            "Time to first token (streams)",
+            labels,
+            buckets=TTFT_BUCKETS_S,
+            registry=self.registry,
         )
         self.tpot = Histogram(
-            "student_time_per_output_token_seconds", "(end - first token) / (completion tokens - 1)", labels,
-            buckets=TPOT_BUCKETS_S, registry=self.registry,
+            "student_time_per_output_token_seconds",
+            "(end - first token) / (completion tokens - 1)",
+            labels,
+            buckets=TPOT_BUCKETS_S,
+            registry=self.registry,
         )
         self.e2e = Histogram(
-            "student_e2e_request_latency_seconds", "End-to-end request latency", labels,
-            buckets=E2E_BUCKETS_S, registry=self.registry,
+            "student_e2e_request_latency_seconds",
+            "End-to-end request latency",
+            labels,
+            buckets=E2E_BUCKETS_S,
+            registry=self.registry,
         )
         self.routed_requests = Counter(
-            "student_routed_requests", "Finished requests by route (local/remote) and why they went there",
-            ("routed_to", "reason"), registry=self.registry,
+            "student_routed_requests",
+            "Finished requests by route (local/remote) and why they went there",
+            ("routed_to", "reason"),
+            registry=self.registry,
         )
         self.routed_tokens = Counter(
-            "student_routed_tokens", "Tokens by route and kind (prompt/completion)", ("routed_to", "kind"),
+            "student_routed_tokens",
+            "Tokens by route and kind (prompt/completion)",
+            ("routed_to", "kind"),
             registry=self.registry,
         )
         self.route_cost_usd = Counter(
             "student_route_cost_usd",
             "Each route's own cost, USD: local the electricity attributed to its requests (only while measured), "
             "remote its tokens x the remote's price",
-            ("routed_to",), registry=self.registry,
+            ("routed_to",),
+            registry=self.registry,
         )
         self.key_requests = Counter(
-            "student_key_requests", "Finished requests by API key name (anonymous: no keys configured)", ("key",),
+            "student_key_requests",
+            "Finished requests by API key name (anonymous: no keys configured)",
+            ("key",),
             registry=self.registry,
         )
         self.key_tokens = Counter(
-            "student_key_tokens", "Tokens by API key name and kind (prompt/completion)", ("key", "kind"),
+            "student_key_tokens",
+            "Tokens by API key name and kind (prompt/completion)",
+            ("key", "kind"),
             registry=self.registry,
         )
         self.api_equivalent_cost_usd = Counter(
             "student_api_equivalent_cost_usd",
             "What each hosted API in the price table would have charged for the same tokens, USD",
-            ("model",), registry=self.registry,
+            ("model",),
+            registry=self.registry,
         )
         self._api_prices: Mapping[str, ApiPrice] = {}
         self.registry.register(_LiveCollector(live))
@@ -160,7 +198,11 @@ class GatewayMetrics:
             self.request_energy.labels(*labels).inc(record.energy_j)
         if not record.ok:
             return
-        for histogram, value_ms in ((self.ttft, record.ttft_ms), (self.tpot, record.tpot_ms), (self.e2e, record.e2e_ms)):
+        for histogram, value_ms in (
+            (self.ttft, record.ttft_ms),
+            (self.tpot, record.tpot_ms),
+            (self.e2e, record.e2e_ms),
+        ):
             if value_ms is not None:
                 histogram.labels(*labels).observe(value_ms / 1000)
 
@@ -177,7 +219,8 @@ class _ReplicaCollector(Collector):
             "student_upstream_healthy", "1 while the replica takes requests, 0 while ejected", labels=["upstream"]
         )
         outstanding = GaugeMetricFamily(
-            "student_upstream_outstanding_requests", "Requests in flight to the replica through this gateway",
+            "student_upstream_outstanding_requests",
+            "Requests in flight to the replica through this gateway",
             labels=["upstream"],
         )
         for replica in self._status():
@@ -197,15 +240,18 @@ class _AdmissionCollector(Collector):
             "student_admission_waiting_requests", "Generation requests waiting for a slot", value=state.waiting
         )
         yield GaugeMetricFamily(
-            "student_admission_answering_requests", "Generation requests holding a slot (being answered)",
+            "student_admission_answering_requests",
+            "Generation requests holding a slot (being answered)",
             value=state.in_flight,
         )
         yield GaugeMetricFamily(
-            "student_admission_max_in_flight_requests", "Slots: answers allowed at once (--max-in-flight)",
+            "student_admission_max_in_flight_requests",
+            "Slots: answers allowed at once (--max-in-flight)",
             value=state.max_in_flight,
         )
         yield GaugeMetricFamily(
-            "student_admission_max_queue_requests", "Requests allowed to wait for a slot (--max-queue)",
+            "student_admission_max_queue_requests",
+            "Requests allowed to wait for a slot (--max-queue)",
             value=state.max_queue,
         )
         refused = CounterMetricFamily(
@@ -245,14 +291,17 @@ class _LiveCollector(Collector):
         yield info
         yield GaugeMetricFamily("student_requests_in_flight", "Requests being answered", value=figures.in_flight)
         yield GaugeMetricFamily(
-            "student_completion_tokens_per_second", "Completion tokens per second, last 10 s",
+            "student_completion_tokens_per_second",
+            "Completion tokens per second, last 10 s",
             value=figures.completion_tokens_per_s,
         )
         if not measured:
             return
         joules = CounterMetricFamily("student_energy_joules", "Measured energy by part", labels=["kind"])
         for kind, value in (
-            ("total", energy.total_j), ("active", energy.active_j), ("idle", energy.idle_j),
+            ("total", energy.total_j),
+            ("active", energy.active_j),
+            ("idle", energy.idle_j),
             ("unattributed", energy.unattributed_j),
         ):
             joules.add_metric([kind], value or 0.0)

@@ -2,8 +2,12 @@
 
 All-time counts (requests, tokens, API-equivalent cost) are exact counters. Percentiles and
 `?window=SECONDS` figures come from the most recent finished requests kept in memory
-(`stats_retention`, 100,000 by default). Window energy comes from the meter's totals, noted
+(`stats_retention`, 100,000 by default). Window energy comes from each meter's totals, noted
 once a second. Latency percentiles cover successful requests only; errors are counted apart.
+
+Energy per replica: `energy.replicas` has one entry per meter (a replica with its own DCGM
+exporter, or this host's devices shared by the replicas without one), each with its own totals,
+status and reason; the top-level figures are their sum over the meters that measure.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 from server.accounting.energy_units import kwh
 from server.accounting.tariff import ApiPrice, Tariff, projected_month
-from server.telemetry.energy_attribution import EnergySnapshot
+from server.telemetry.energy_attribution import LOCAL_METER, EnergySnapshot
 from server.telemetry.percentiles import percentiles
 
 SECONDS_PER_DAY = 86_400.0
@@ -99,8 +103,27 @@ class EnergyTotals:
             self.unattributed_j - earlier.unattributed_j,
         )
 
+    def plus(self, other: EnergyTotals) -> EnergyTotals:
+        return EnergyTotals(
+            self.total_j + other.total_j,
+            self.active_j + other.active_j,
+            self.idle_j + other.idle_j,
+            self.unattributed_j + other.unattributed_j,
+        )
+
 
 ZERO_ENERGY = EnergyTotals(0.0, 0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class MeterEnergy:
+    """One energy meter as /stats shows it: its key (`LOCAL_METER`, or the replica URL whose own
+    exporter it reads), the replicas it measures, the exporter's URL, and its snapshot now."""
+
+    key: str
+    urls: tuple[str, ...]
+    exporter: str | None
+    snapshot: EnergySnapshot
 
 
 @dataclass
@@ -118,8 +141,8 @@ class StatsBook:
     by_upstream: dict[str, list[int]] = field(default_factory=dict)  # upstream -> [total, ok]
     by_route: dict[str, RouteTally] = field(default_factory=dict)  # "local" / "remote" -> its tally
     _recent: deque[FinishedRequest] = field(init=False)
-    _energy: deque[tuple[float, EnergyTotals]] = field(default_factory=deque)
-    _energy_trimmed: bool = False
+    _energy: dict[str, deque[tuple[float, EnergyTotals]]] = field(default_factory=dict)  # per meter key
+    _energy_trimmed: set[str] = field(default_factory=set)  # meters whose oldest notes were dropped
 
     def __post_init__(self) -> None:
         self._recent = deque(maxlen=self.retention)
@@ -142,12 +165,13 @@ class StatsBook:
         tally.add(request)
         self._recent.append(request)
 
-    def note_energy(self, now_s: float, totals: EnergyTotals) -> None:
-        """Remember the meter's totals at `now_s` (called about once a second)."""
-        self._energy.append((now_s, totals))
-        while self._energy and self._energy[0][0] < now_s - self.energy_history_s:
-            self._energy.popleft()
-            self._energy_trimmed = True
+    def note_energy(self, now_s: float, totals: EnergyTotals, meter: str = LOCAL_METER) -> None:
+        """Remember a meter's totals at `now_s` (called about once a second, per meter)."""
+        history = self._energy.setdefault(meter, deque())
+        history.append((now_s, totals))
+        while history and history[0][0] < now_s - self.energy_history_s:
+            history.popleft()
+            self._energy_trimmed.add(meter)
 
     def recent(self, since_s: float | None = None) -> list[FinishedRequest]:
         """Kept requests that finished at or after `since_s` (monotonic seconds; None: all kept)."""
@@ -161,13 +185,13 @@ class StatsBook:
         found.reverse()
         return found
 
-    def energy_since(self, since_s: float, now: EnergyTotals) -> EnergyTotals | None:
-        """Energy used since `since_s`: `now` minus the last totals noted at or before it.
+    def energy_since(self, since_s: float, now: EnergyTotals, meter: str = LOCAL_METER) -> EnergyTotals | None:
+        """A meter's energy used since `since_s`: `now` minus its last totals noted at or before it.
 
         None when history no longer reaches back that far (older notes were dropped).
         """
-        base = ZERO_ENERGY if not self._energy_trimmed else None
-        for noted_s, totals in self._energy:
+        base = ZERO_ENERGY if meter not in self._energy_trimmed else None
+        for noted_s, totals in self._energy.get(meter, ()):
             if noted_s > since_s:
                 break
             base = totals
@@ -179,7 +203,9 @@ class StatsInputs:
     """Everything /stats reports besides the book: the meter now, prices, vLLM's own gauges.
 
     `upstream` is vLLM's load (`UpstreamProxy.vllm_load`: all replicas, each one's under
-    `replicas`); `replicas` is each replica's state in the gateway (`Balancer.status`).
+    `replicas`); `replicas` is each replica's state in the gateway (`Balancer.status`). `energy`
+    is all meters as one (`ReplicaMeters.snapshot`), `meters` each of them; without `meters`,
+    `energy` is taken as the one meter of every replica.
     """
 
     energy: EnergySnapshot
@@ -190,6 +216,7 @@ class StatsInputs:
     power_limit_w: float | None = None
     replicas: Sequence[Mapping[str, Any]] = ()
     remote: Mapping[str, Any] | None = None  # the remote upstream (url, model, price), when one is configured
+    meters: Sequence[MeterEnergy] = ()
 
 
 def build_stats(book: StatsBook, inputs: StatsInputs, window_s: float | None, now_s: float) -> dict[str, Any]:
@@ -299,6 +326,8 @@ def _routes_block(tallies: Mapping[str, RouteTally], inputs: StatsInputs) -> dic
 
 
 def _energy_block(book: StatsBook, inputs: StatsInputs, window_s: float | None, since_s: float) -> dict[str, Any]:
+    """Energy over the window: the top-level figures (the sum over meters that measure, as the
+    gateway always showed them) and `replicas`, each meter's own."""
     snapshot = inputs.energy
     block: dict[str, Any] = {
         "status": snapshot.status,
@@ -315,21 +344,72 @@ def _energy_block(book: StatsBook, inputs: StatsInputs, window_s: float | None, 
         "wall_power_factor": inputs.tariff.wall_power_factor,
         "power_limit_w": inputs.power_limit_w,
     }
-    now = EnergyTotals.of(snapshot)
-    if now is None:
+    meters = inputs.meters or (
+        MeterEnergy(LOCAL_METER, tuple(replica["url"] for replica in inputs.replicas), None, snapshot),
+    )
+    used = [_meter_used(book, meter.key, meter.snapshot, window_s, since_s) for meter in meters]
+    block["replicas"] = [
+        _meter_entry(meter, part, book, inputs.tariff) for meter, part in zip(meters, used, strict=True)
+    ]
+    measured = [part for meter, part in zip(meters, used, strict=True) if EnergyTotals.of(meter.snapshot) is not None]
+    if not measured:
         return block
-    used = now if window_s is None else book.energy_since(since_s, now)
-    if used is None:
-        block["reason"] = f"energy history covers only the last {book.energy_history_s:.0f} s"
+    if None in measured:  # a measured meter's history does not reach back: a sum without it would look whole
+        block["reason"] = _history_reason(book)
         return block
+    total = ZERO_ENERGY
+    for part in measured:
+        total = total.plus(part or ZERO_ENERGY)
     block.update(
-        total_j=used.total_j,
-        active_j=used.active_j,
-        idle_j=used.idle_j,
-        unattributed_j=used.unattributed_j,
-        kwh=kwh(used.total_j),
+        total_j=total.total_j,
+        active_j=total.active_j,
+        idle_j=total.idle_j,
+        unattributed_j=total.unattributed_j,
+        kwh=kwh(total.total_j),
     )
     return block
+
+
+def _history_reason(book: StatsBook) -> str:
+    return f"energy history covers only the last {book.energy_history_s:.0f} s"
+
+
+def _meter_used(
+    book: StatsBook, key: str, snapshot: EnergySnapshot, window_s: float | None, since_s: float
+) -> EnergyTotals | None:
+    """A meter's energy over the window (all of it without one); None when not measured or too old."""
+    now = EnergyTotals.of(snapshot)
+    if now is None:
+        return None
+    return now if window_s is None else book.energy_since(since_s, now, key)
+
+
+def _meter_entry(meter: MeterEnergy, used: EnergyTotals | None, book: StatsBook, tariff: Tariff) -> dict[str, Any]:
+    """One meter's part of `energy.replicas`; conserved on its own: attributed + unattributed +
+    idle = total (J)."""
+    snapshot = meter.snapshot
+    reason = snapshot.reason
+    if used is None and EnergyTotals.of(snapshot) is not None:
+        reason = _history_reason(book)
+    return {
+        "urls": list(meter.urls),
+        "exporter": meter.exporter,
+        "status": snapshot.status,
+        "reason": reason,
+        "source": snapshot.source,
+        "total_j": None if used is None else used.total_j,
+        "active_j": None if used is None else used.active_j,
+        "attributed_j": None if used is None else used.active_j - used.unattributed_j,
+        "idle_j": None if used is None else used.idle_j,
+        "unattributed_j": None if used is None else used.unattributed_j,
+        "kwh": None if used is None else kwh(used.total_j),
+        "electricity": tariff.energy_cost(None if used is None else used.total_j),
+        "power_w": snapshot.power_w,
+        "idle_w": snapshot.idle_w,
+        "idle_measuring": snapshot.idle_measuring,
+        "gaps": snapshot.gaps,
+        "resets": snapshot.resets,
+    }
 
 
 def _cost_block(

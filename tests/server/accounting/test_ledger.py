@@ -249,8 +249,9 @@ def test_a_version_1_ledger_is_read_as_it_is_and_migrated_when_a_gateway_opens_i
     ledger.close()
     assert [row.key_name for row in read_requests(path)] == [None, "shop"]
     with closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     Ledger(path).close()  # migrated once: opening it again changes nothing
+    assert read_energy(path) == []  # the energy table it never had was created whole
 
 
 def test_a_version_2_ledger_gets_the_route_columns_its_rows_were_local(tmp_path: Path) -> None:
@@ -371,3 +372,83 @@ def test_requests_without_any_energy_reading_say_why(ledger: Ledger) -> None:
     (day,) = daily_summary(ledger.path, 0.0, SAIGON)
     assert day.total_j is None and day.energy_status == "unavailable"
     assert day.energy_reasons and "no energy readings" in day.energy_reasons[0]
+
+
+def test_a_version_3_ledger_gets_the_replica_column_its_energy_rows_were_this_hosts(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(VERSION_1_REQUESTS)
+        for column in (
+            "key_name TEXT",
+            "routed_to TEXT NOT NULL DEFAULT 'local'",
+            "route_reason TEXT",
+            "remote_cost_usd REAL",
+        ):  # what versions 2 and 3 added
+            conn.execute(f"ALTER TABLE requests ADD COLUMN {column}")
+        conn.execute(ENERGY_TABLE)
+        conn.execute(
+            "INSERT INTO energy (started_at, ended_at, status, source, reason, total_j, idle_j, attributed_j,"
+            " unattributed_j, electricity_cost, electricity_cost_usd, currency) VALUES (1749999940.0, 1750000000.0,"
+            " 'ok', 'nvml', 'NVML, 1 GPU(s) [0], energy counter', 600.0, 500.0, 90.0, 10.0, 0.5, 0.00002, 'VND')"
+        )
+        conn.execute("PRAGMA user_version = 3")
+    (old,) = read_energy(path)  # read as it is: the row was this host's
+    assert (old.replica, old.total_j) == (None, 600.0)
+    (day,) = daily_summary(path, 0.0, SAIGON)
+    assert list(day.replicas) == [None] and day.replicas[None].total_j == 600.0
+
+    ledger = Ledger(path)
+    remote = energy_row(1_750_000_060.0, source="dcgm", reason="DCGM exporter http://gpu1:9400/metrics, GPU 0",
+                        replica="http://gpu1:8001")  # fmt: skip
+    ledger.add_energy(remote)
+    ledger.close()
+    assert read_energy(path) == [old, remote]
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+
+
+def test_each_replicas_energy_is_its_own_and_the_day_is_their_sum(ledger: Ledger) -> None:
+    day = date(2025, 6, 1)
+    gpu1, gpu2 = "http://gpu1:8001", "http://gpu2:8001"
+    down = "DCGM exporter http://gpu2:9400/metrics unreachable: connection refused"
+    ledger.add_energy(
+        energy_row(
+            _at(day, 12),
+            total_j=3.6e6,
+            idle_j=3.0e6,
+            attributed_j=0.5e6,
+            electricity_cost=3000.0,
+            electricity_cost_usd=0.12,
+            source="dcgm",
+            replica=gpu1,
+        )
+    )
+    ledger.add_energy(
+        energy_row(
+            _at(day, 12, 1),
+            total_j=1.8e6,
+            idle_j=1.0e6,
+            attributed_j=0.7e6,
+            electricity_cost=1500.0,
+            electricity_cost_usd=0.06,
+            source="dcgm",
+            replica=gpu2,
+        )
+    )
+    ledger.add_energy(energy_row(_at(day, 12, 2), status="unavailable", source="dcgm", total_j=None, idle_j=None,
+                                 attributed_j=None, unattributed_j=None, electricity_cost=None,
+                                 electricity_cost_usd=None, replica=gpu2, reason=down))  # fmt: skip
+
+    (summary,) = daily_summary(ledger.path, _at(day, 0), SAIGON)
+
+    assert set(summary.replicas) == {gpu1, gpu2}
+    first, second = summary.replicas[gpu1], summary.replicas[gpu2]
+    assert (first.total_j, first.attributed_j, first.energy_status, first.energy_reasons) == (3.6e6, 0.5e6, "ok", ())
+    assert (second.total_j, second.measured_s, second.unmeasured_s) == (1.8e6, 60.0, 60.0)
+    assert second.energy_status == "partial"
+    assert second.energy_reasons == (down,)
+    assert second.electricity_cost == {"VND": 1500.0} and second.electricity_cost_usd == pytest.approx(0.06)
+    assert (summary.total_j, summary.idle_j, summary.attributed_j) == (5.4e6, 4.0e6, 1.2e6)
+    assert summary.electricity_cost == {"VND": 4500.0} and summary.electricity_cost_usd == pytest.approx(0.18)
+    assert (summary.measured_s, summary.unmeasured_s, summary.energy_status) == (60.0, 60.0, "partial")
+    assert summary.energy_reasons == (f"{gpu2}: {down}",)

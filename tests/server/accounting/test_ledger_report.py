@@ -12,9 +12,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from server.runtime.cli import main
 from server.accounting.ledger import EnergyRow, Ledger, RequestRow
 from server.accounting.ledger_report import parse_since
+from server.runtime.cli import main
 
 TZ_NAME = "Asia/Ho_Chi_Minh"
 TZ = ZoneInfo(TZ_NAME)
@@ -267,7 +267,9 @@ def hybrid_ledger(tmp_path: Path) -> Path:
     return path
 
 
-def test_each_route_has_its_requests_tokens_and_own_cost(hybrid_ledger: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_each_route_has_its_requests_tokens_and_own_cost(
+    hybrid_ledger: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, out, _ = _report(hybrid_ledger, capsys, "--since", "7d", "--json")
     (day,) = json.loads(out)["days"]
     local, remote = day["routes"]["local"], day["routes"]["remote"]
@@ -299,3 +301,55 @@ def test_without_a_remote_there_is_no_route_table(ledger_path: Path, capsys: pyt
     assert "By route" not in out and "− remote" not in out
     _, out, _ = _report(ledger_path, capsys, "--since", "30d", "--json")
     assert list(json.loads(out)["total"]["routes"]) == ["local"]
+
+
+GPU1, GPU2 = "http://gpu1:8001", "http://gpu2:8001"
+DOWN = "DCGM exporter http://gpu2:9400/metrics unreachable: connection refused: is the exporter running?"
+
+
+@pytest.fixture
+def replicas_ledger(tmp_path: Path) -> Path:
+    """DAY3: two replicas measured through their own DCGM exporters; gpu2's was down for half an hour."""
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path)
+    ledger.add_request(replace(_request(_at(DAY3, 9), 200, 100, 10, gpt=0.25, deepseek=0.125), upstream=GPU1))
+    ledger.add_request(replace(_request(_at(DAY3, 9, 5), 200, 100, 10, gpt=0.25, deepseek=0.125), upstream=GPU2))
+    ledger.add_energy(replace(_energy(_at(DAY3, 10), 3.6e6, cost=3000.0, cost_usd=0.125), source="dcgm", replica=GPU1))
+    ledger.add_energy(replace(_energy(_at(DAY3, 10), 1.8e6, cost=1500.0, cost_usd=0.0625), source="dcgm", replica=GPU2))
+    ledger.add_energy(replace(_energy(_at(DAY3, 10, 30), None, None, None, reason=DOWN), source="dcgm", replica=GPU2))
+    ledger.close()
+    return path
+
+
+def test_each_replica_has_its_own_energy_and_why_one_was_not_measured(
+    replicas_ledger: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, out, _ = _report(replicas_ledger, capsys, "--since", "7d", "--json")
+    report = json.loads(out)
+    (day,) = report["days"]
+    first, second = day["replicas"][GPU1], day["replicas"][GPU2]
+    assert (first["energy_status"], first["energy_kwh"], first["electricity_cost"]) == ("ok", 1.0, 3000.0)
+    assert (second["energy_status"], second["energy_kwh"], second["electricity_cost"]) == ("partial", 0.5, 1500.0)
+    assert second["energy_reasons"] == [DOWN] and first["energy_reasons"] == []
+    assert (day["energy_kwh"], day["electricity_cost"], day["energy_status"]) == (1.5, 4500.0, "partial")
+    assert day["energy_measured_s"] == 1800.0  # the longest any one replica was measured, not their sum
+    assert report["total"]["replicas"][GPU2]["energy_kwh"] == 0.5
+    assert report["energy"]["reasons"] == [f"{GPU2}: {DOWN}"]
+
+    _, out, _ = _report(replicas_ledger, capsys, "--since", "7d")
+    assert "Energy by replica" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[1:2] in ([GPU1], [GPU2])]
+    assert rows[:2] == [
+        [DAY3.isoformat(), GPU1, "1.000", "0.250", "3,000", "0.125"],
+        [DAY3.isoformat(), GPU2, "0.500*", "0.125", "1,500", "0.062"],
+    ]
+    assert f"{DAY3.isoformat()}: {GPU2}: {DOWN}" in out
+
+
+def test_a_ledger_of_this_host_alone_has_no_replica_table(
+    ledger_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, out, _ = _report(ledger_path, capsys, "--since", "30d")
+    assert "Energy by replica" not in out
+    _, out, _ = _report(ledger_path, capsys, "--since", "30d", "--json")
+    assert list(json.loads(out)["total"]["replicas"]) == ["this host"]

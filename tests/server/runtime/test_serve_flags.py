@@ -40,6 +40,20 @@ def test_only_passed_flags_override_and_they_reach_the_settings() -> None:
     assert (settings.port, settings.telemetry, settings.route_keywords) == (9100, False, ["giá"])
 
 
+def test_energy_exporters_are_a_repeatable_flag() -> None:
+    args = parser().parse_args([
+        "--upstream", "http://gpu1:8001", "--upstream", "http://gpu2:8001",
+        "--energy-exporter", "http://gpu1:8001=http://gpu1:9400#0",
+        "--energy-exporter", "http://gpu2:8001=http://gpu2:9400",
+    ])  # fmt: skip
+    settings = settings_from_args(args)
+    assert {replica: str(target) for replica, target in settings.energy_exporters.items()} == {
+        "http://gpu1:8001": "http://gpu1:9400/metrics#0",
+        "http://gpu2:8001": "http://gpu2:9400/metrics",
+    }
+    assert default_text("energy_exporters") is None  # the description says what happens without one
+
+
 def test_the_docs_table_has_a_row_per_flag_with_its_environment_variable() -> None:
     rows = list(option_rows())
     assert [row[0] for row in rows] == [flag.name for flag in FLAGS]

@@ -136,3 +136,55 @@ def test_the_remote_model_means_remote_unless_the_student_has_that_name() -> Non
     same = Settings(remote_url="http://cloud:8000", remote_model="student", remote_price="1")
     assert same.routing_rules.remote_models == {"remote"}
     assert same.routing_rules.keywords == ("tại sao", "phân tích", "so sánh") and same.routing_rules.fallback
+
+
+# --- per-replica energy through DCGM exporters ---------------------------------------------------
+
+GPU1, GPU2 = "http://gpu1:8001", "http://gpu2:8001"
+UUID = "GPU-a04e5d19-6c37-2f8b-b1d9-0e8c3a5f7b22"
+
+
+def test_each_replica_may_name_its_hosts_dcgm_exporter_and_gpus() -> None:
+    settings = Settings(
+        upstream_urls=[f"{GPU1}/v1", GPU2],
+        energy_exporters=[f"{GPU1}/v1=http://gpu1:9400#0,1", f"{GPU2}/=http://gpu2:9400/metrics#{UUID}"],
+    )
+    assert {replica: (target.url, target.gpus) for replica, target in settings.energy_exporters.items()} == {
+        GPU1: ("http://gpu1:9400/metrics", ("0", "1")),
+        GPU2: ("http://gpu2:9400/metrics", (UUID,)),
+    }
+    assert Settings(upstream_urls=[GPU1]).energy_exporters == {} and Settings().energy_exporter_interval_s == 1.0
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"{GPU1}=http://gpu1:9400#0,1,{GPU2}=http://gpu2:9400",  # a part without '=' continues the GPUs
+        f'["{GPU1}=http://gpu1:9400#0,1", "{GPU2}=http://gpu2:9400"]',
+        f'{{"{GPU1}": {{"url": "http://gpu1:9400", "gpus": [0, 1]}}, "{GPU2}": "http://gpu2:9400"}}',
+    ],
+)
+def test_energy_exporters_come_from_the_environment_as_json_or_a_comma_list(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("STUDENT_UPSTREAM_URLS", f"{GPU1},{GPU2}")
+    monkeypatch.setenv("STUDENT_ENERGY_EXPORTERS", value)
+    exporters = Settings().energy_exporters
+    assert [(replica, target.url, target.gpus) for replica, target in exporters.items()] == [
+        (GPU1, "http://gpu1:9400/metrics", ("0", "1")),
+        (GPU2, "http://gpu2:9400/metrics", ()),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("exporters", "named"),
+    [
+        ([f"{GPU2}=http://gpu2:9400"], "not an upstream"),
+        ([f"{GPU1}=http://gpu1:9400", f"{GPU1}=http://other:9400"], "given twice"),
+        ([f"{GPU1}=gpu1:9400"], "http://host:9400/metrics"),
+        ([f"{GPU1}=http://gpu1:9400#zero"], "gpu index"),
+    ],
+)
+def test_a_wrong_energy_exporter_fails_fast_saying_why(exporters: list[str], named: str) -> None:
+    with pytest.raises(ValidationError, match=named):
+        Settings(upstream_urls=[GPU1], energy_exporters=exporters)

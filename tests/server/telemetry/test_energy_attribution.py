@@ -9,7 +9,16 @@ import time
 import pytest
 
 import server.telemetry.energy_attribution
-from server.telemetry.energy_attribution import EnergyMeter, IntervalEnergy, interval_energy_j
+from server.telemetry.energy_attribution import (
+    LOCAL_METER,
+    EnergyMeter,
+    EnergySnapshot,
+    IntervalEnergy,
+    ReplicaMeter,
+    ReplicaMeters,
+    combined_snapshot,
+    interval_energy_j,
+)
 from server.telemetry.power_sources import Reading, SourceStatus, TraceSource, UnavailableSource
 
 
@@ -20,7 +29,10 @@ def replay(meter: EnergyMeter, trace: TraceSource, readings: int) -> None:
 
 
 def test_public_surface_is_exactly_all() -> None:
-    assert set(server.telemetry.energy_attribution.__all__) == {"EnergyMeter", "EnergySnapshot", "IntervalEnergy", "interval_energy_j"}
+    assert set(server.telemetry.energy_attribution.__all__) == {
+        "LOCAL_METER", "THIS_HOST", "EnergyMeter", "EnergySnapshot", "IntervalEnergy", "ReplicaMeter", "ReplicaMeters",
+        "combined_snapshot", "interval_energy_j",
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -351,3 +363,140 @@ def test_sampler_stops_by_itself_when_the_source_fails() -> None:
     snap = meter.snapshot()
     assert (snap.status, snap.reason, snap.total_j) == ("unavailable", "GPU fell off the bus", None)
     meter.stop()
+
+
+# --- networked sources (a DCGM exporter) -------------------------------------------------------
+
+
+class _NetworkedTrace(TraceSource):
+    """A trace read "over the network": the meter must not read it while finishing a request."""
+
+    networked = True
+
+    def __init__(self, samples: list[tuple[float, float | None, float | None]]):
+        super().__init__(samples)
+        self.status: SourceStatus = "ok"
+        self.reason = "replaying an exporter"
+
+
+def test_finishing_a_request_never_reads_a_networked_source() -> None:
+    trace = _NetworkedTrace([(0, 0.0, None), (1, 100.0, None)])
+    meter = EnergyMeter(trace, idle_w=0.0, sample_hz=0.001)  # the sampler reads once, then waits
+    meter.start()
+    try:
+        wait_for(lambda: trace._next >= 1)
+        meter.start_request("a")
+        meter.add_tokens("a", 5)
+        assert meter.finish_request("a") is None  # no update of the exporter covered it: not measured, not 0 J
+        assert trace._next == 1  # finishing did not scrape
+    finally:
+        meter.stop()
+
+
+def test_a_request_that_finished_before_the_update_leaves_its_share_unattributed() -> None:
+    trace = _NetworkedTrace([(0, 0.0, None), (1, 100.0, None), (2, 200.0, None)])
+    meter = EnergyMeter(trace, idle_w=0.0)
+    meter.tick(trace.read())
+    meter.start_request("short")
+    meter.start_request("long")
+    meter.add_tokens("short", 30)
+    meter.add_tokens("long", 10)
+    assert meter.finish_request("short") is None  # the exporter had not updated yet: unknown, not 0 J
+    meter.tick(trace.read())  # 100 J: 3/4 weighed by the departed request's tokens, not given to "long"
+    assert meter.finish_request("long") == pytest.approx(25.0)
+    snap = meter.snapshot()
+    assert (snap.attributed_j, snap.unattributed_j) == (pytest.approx(25.0), pytest.approx(75.0))
+    meter.tick(trace.read())  # nothing in flight any more: all unattributed, nobody's weight lingers
+    assert meter.snapshot().unattributed_j == pytest.approx(175.0)
+
+
+def test_a_networked_source_that_fails_is_still_sampled_and_its_requests_followed() -> None:
+    source = _FailingSource(good_reads=2)
+    source.networked = True  # type: ignore[attr-defined]
+    meter = EnergyMeter(source, idle_w=0.0, sample_hz=1000.0)
+    meter.start()
+    try:
+        wait_for(lambda: source._reads > 10)
+        assert meter.sampling and meter.tracking and not meter.measuring
+        meter.start_request("a")  # accepted while the source is down
+        meter.add_tokens("a", 3)
+        assert meter.finish_request("a") is None
+    finally:
+        meter.stop()
+    snap = meter.snapshot()
+    assert (snap.status, snap.reason, snap.total_j) == ("unavailable", "GPU fell off the bus", None)
+
+
+def test_a_request_spanning_a_gap_has_no_energy_and_conservation_holds() -> None:
+    trace = TraceSource([(0, 0.0, None), (1, 50.0, None), (2, None, None), (3, 120.0, None), (4, 150.0, None)])
+    meter = EnergyMeter(trace, idle_w=0.0)
+    meter.start_request("a")
+    meter.start_request("b")
+    for _ in range(2):
+        meter.add_tokens("a", 1)
+        meter.tick(trace.read())
+    assert meter.finish_request("b") == 0.0  # started with the baseline: 50 J went to "a" alone (its tokens)
+    meter.start_request("c")
+    for _ in range(3):
+        meter.add_tokens("a", 1)
+        meter.add_tokens("c", 1)
+        meter.tick(trace.read())
+    assert meter.finish_request("a") is None  # 50 J + 15 J measured, but the gap's energy is unknown
+    assert meter.finish_request("c") is None
+    snap = meter.snapshot()
+    assert (snap.gaps, snap.total_j, snap.attributed_j) == (2, pytest.approx(80.0), 0.0)
+    assert snap.unattributed_j == pytest.approx(80.0) and snap.idle_j == 0.0
+
+
+# --- several replicas ------------------------------------------------------------------------
+
+
+def _snapshot(
+    total_j: float | None, status: str = "ok", reason: str = "fine", power_w: float | None = 10.0
+) -> EnergySnapshot:
+    known = total_j is not None
+    return EnergySnapshot(
+        status, reason, "dcgm" if status == "ok" else "unavailable", total_j,
+        total_j / 2 if known else None, total_j / 4 if known else None, total_j / 2 if known else None,
+        total_j / 4 if known else None, power_w if known else None, 5.0 if known else None, False, 1, 10, 0, 1,
+    )  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_one_meter_is_shown_as_it_is() -> None:
+    only = _snapshot(40.0)
+    assert combined_snapshot([("this host", only)]) is only
+
+
+def test_meters_are_summed_and_the_unmeasured_ones_named() -> None:
+    both = combined_snapshot([("http://a:8001", _snapshot(40.0)), ("http://b:8001", _snapshot(60.0, power_w=30.0))])
+    assert (both.status, both.source, both.total_j, both.active_j, both.idle_j) == ("ok", "dcgm", 100.0, 50.0, 50.0)
+    assert (both.power_w, both.idle_w, both.gaps, both.requests_in_flight) == (40.0, 10.0, 2, 2)
+    assert both.reason == "http://a:8001: fine; http://b:8001: fine"
+
+    down = _snapshot(None, "unavailable", "DCGM exporter http://b:9400/metrics unreachable: connection refused")
+    partial = combined_snapshot([("http://a:8001", _snapshot(40.0)), ("http://b:8001", down)])
+    assert (partial.status, partial.total_j, partial.power_w) == ("ok", 40.0, 10.0)
+    assert partial.reason == (
+        "measured on 1 of 2 meters; not measured: http://b:8001: DCGM exporter http://b:9400/metrics unreachable: "
+        "connection refused"
+    )
+    none = combined_snapshot([("this host", _snapshot(None, "unavailable", "no NVML")), ("http://b:8001", down)])
+    assert (none.status, none.total_j, none.power_w, none.idle_w) == ("unavailable", None, None, None)
+    assert none.reason.startswith("this host: no NVML; http://b:8001: DCGM exporter")
+
+
+def test_each_replica_has_its_meter_and_one_meter_serves_all() -> None:
+    local = EnergyMeter(UnavailableSource("no NVML"))
+    remote = EnergyMeter(TraceSource([(0, 0.0, None)]), idle_w=0.0)
+    meters = ReplicaMeters([
+        ReplicaMeter(LOCAL_METER, local, ("http://127.0.0.1:8001",)),
+        ReplicaMeter("http://gpu1:8001", remote, ("http://gpu1:8001",), "http://gpu1:9400/metrics"),
+    ])  # fmt: skip
+    assert meters.only is None
+    assert meters.for_upstream("http://gpu1:8001") is remote and meters.for_upstream("http://127.0.0.1:8001") is local
+    assert meters.for_upstream("gateway") is None
+    assert meters.tracking and meters.power_limit_w() is None
+    single = ReplicaMeters.single(local)
+    assert single.only is local and single.for_upstream("gateway") is local
+    with pytest.raises(ValueError):
+        ReplicaMeters([])

@@ -168,12 +168,23 @@ def test_unavailable_energy_says_why_and_has_no_energy_series() -> None:
     metrics = GatewayMetrics(Live(unavailable_figures()))
     samples = scrape(metrics)
     assert value(samples, "student_energy_measured") == 0
-    assert value(
-        samples, "student_energy_info",
-        source="unavailable", status="unavailable", reason="no NVML or RAPL on this machine",
-    ) == 1
-    absent = {n for n in names(samples) if n.startswith(("student_energy_joules", "student_power_watts",
-                                                         "student_idle_power_watts", "student_electricity_cost"))}
+    assert (
+        value(
+            samples,
+            "student_energy_info",
+            source="unavailable",
+            status="unavailable",
+            reason="no NVML or RAPL on this machine",
+        )
+        == 1
+    )
+    absent = {
+        n
+        for n in names(samples)
+        if n.startswith(
+            ("student_energy_joules", "student_power_watts", "student_idle_power_watts", "student_electricity_cost")
+        )
+    }
     assert absent == set()
 
 
@@ -182,8 +193,10 @@ def test_measured_energy_is_exposed_by_kind_with_its_cost_and_power() -> None:
     samples = scrape(metrics)
     assert value(samples, "student_energy_measured") == 1
     assert value(samples, "student_energy_info", source="nvml", status="ok", reason="reading NVML") == 1
-    joules = {kind: value(samples, "student_energy_joules_total", kind=kind)
-              for kind in ("total", "active", "idle", "unattributed")}
+    joules = {
+        kind: value(samples, "student_energy_joules_total", kind=kind)
+        for kind in ("total", "active", "idle", "unattributed")
+    }
     assert joules == {"total": 5000.0, "active": 1200.0, "idle": 3800.0, "unattributed": 100.0}
     assert value(samples, "student_electricity_cost_total", currency="VND") == 2.5
     assert value(samples, "student_power_watts") == 145.5

@@ -10,9 +10,17 @@ from dataclasses import replace
 import pytest
 
 from server.accounting.tariff import ApiPrice, Tariff, api_costs_usd
-from server.telemetry.energy_attribution import EnergyMeter, EnergySnapshot
+from server.telemetry.energy_attribution import LOCAL_METER, EnergyMeter, EnergySnapshot, combined_snapshot
 from server.telemetry.power_sources import UnavailableSource
-from server.telemetry.stats import EnergyTotals, FinishedRequest, StatsBook, StatsInputs, build_stats, percentiles
+from server.telemetry.stats import (
+    EnergyTotals,
+    FinishedRequest,
+    MeterEnergy,
+    StatsBook,
+    StatsInputs,
+    build_stats,
+    percentiles,
+)
 
 PRICES = {
     "big": ApiPrice(input_usd_per_mtok=2.0, output_usd_per_mtok=8.0),
@@ -243,7 +251,10 @@ def test_window_money_from_measured_energy_and_observed_rate() -> None:
     stats = build_stats(windowed_book(), inputs(ok_snapshot(10_000.0, 3000.0, 6500.0, 500.0)), 500.0, 1000.0)
     cost = stats["cost"]
     assert (cost["currency"], cost["price_per_kwh"], cost["usd_rate"], cost["wall_power_factor"]) == (
-        "VND", 2000.0, 25_000.0, 1.5,
+        "VND",
+        2000.0,
+        25_000.0,
+        1.5,
     )
     assert cost["electricity"] == pytest.approx(5.0)  # 6,000 J × 1.5 = 0.0025 kWh × 2,000
     assert cost["electricity_usd"] == pytest.approx(5.0 / 25_000)
@@ -409,7 +420,8 @@ def test_routes_have_their_own_counts_tokens_reasons_and_cost() -> None:
         book, replace(inputs(ok_snapshot(10_000.0, 3000.0, 6500.0, 500.0)), remote=remote_view), None, 1000.0
     )
     local, remote = stats["routes"]["local"], stats["routes"]["remote"]
-    assert local["requests"] == {"total": 2, "ok": 1, "error": 1} and local["tokens"] == {"prompt": 110, "completion": 50}
+    assert local["requests"] == {"total": 2, "ok": 1, "error": 1}
+    assert local["tokens"] == {"prompt": 110, "completion": 50}
     assert local["reasons"] == {"default": 1, "header": 1}
     assert local["energy_j"] == 30.0
     assert local["cost"] == pytest.approx({"currency": "VND", "electricity": vnd(30.0), "usd": vnd(30.0) / 25_000})
@@ -435,3 +447,79 @@ def test_without_a_remote_only_the_local_route_is_shown() -> None:
     stats = build_stats(book, inputs(unavailable()), None, 1000.0)
     assert list(stats["routes"]) == ["local"] and stats["routes"]["local"]["reasons"] == {}
     assert stats["routes"]["local"]["energy_j"] is None and stats["cost"]["remote_usd"] == 0.0
+
+
+# --- energy per replica -------------------------------------------------------------------------
+
+
+def dcgm_unavailable() -> EnergySnapshot:
+    return replace(
+        unavailable(), source="dcgm", reason="DCGM exporter http://gpu2:9400/metrics unreachable: connection refused"
+    )
+
+
+def per_replica_inputs(second: EnergySnapshot) -> StatsInputs:
+    first = ok_snapshot(10_000.0, 3500.0, 6500.0, 500.0)
+    meters = [
+        MeterEnergy(R1, (R1,), "http://gpu1:9400/metrics", first),
+        MeterEnergy(R2, (R2,), "http://gpu2:9400/metrics", second),
+    ]
+    combined = combined_snapshot([(R1, first), (R2, second)])
+    return replace(inputs(combined), meters=meters, replicas=[replica_status(R1), replica_status(R2)])
+
+
+def test_each_replica_has_its_own_energy_and_the_top_level_is_their_sum() -> None:
+    second_meter = ok_snapshot(2000.0, 1100.0, 900.0, 100.0)
+    stats = build_stats(StatsBook(started_s=0.0), per_replica_inputs(second_meter), None, 100.0)
+    energy = stats["energy"]
+    first, second = energy["replicas"]
+    assert (first["urls"], first["exporter"], first["status"]) == ([R1], "http://gpu1:9400/metrics", "ok")
+    assert (first["total_j"], first["attributed_j"], first["idle_j"], first["unattributed_j"]) == (
+        10_000.0,
+        3000.0,
+        6500.0,
+        500.0,
+    )
+    for part in (first, second):  # conserved per replica: attributed + unattributed + idle = total
+        assert part["attributed_j"] + part["unattributed_j"] + part["idle_j"] == pytest.approx(part["total_j"])
+        assert part["electricity"] == pytest.approx(vnd(part["total_j"]))
+    assert (energy["status"], energy["total_j"], energy["idle_j"]) == ("ok", 12_000.0, 7400.0)
+    assert energy["kwh"] == pytest.approx(12_000.0 / 3_600_000)
+    assert stats["cost"]["electricity"] == pytest.approx(vnd(12_000.0))
+
+
+def test_a_replica_whose_exporter_fails_is_unavailable_with_its_reason_and_left_out_of_the_sum() -> None:
+    stats = build_stats(StatsBook(started_s=0.0), per_replica_inputs(dcgm_unavailable()), None, 100.0)
+    energy = stats["energy"]
+    second = energy["replicas"][1]
+    assert (second["status"], second["total_j"], second["electricity"]) == ("unavailable", None, None)
+    assert second["reason"] == "DCGM exporter http://gpu2:9400/metrics unreachable: connection refused"
+    assert (energy["status"], energy["total_j"]) == ("ok", 10_000.0)
+    assert energy["reason"].startswith(f"measured on 1 of 2 meters; not measured: {R2}: DCGM exporter")
+
+    down = per_replica_inputs(dcgm_unavailable())
+    nothing = replace(
+        down,
+        energy=combined_snapshot([(R1, unavailable()), (R2, dcgm_unavailable())]),
+        meters=[replace(down.meters[0], snapshot=unavailable()), down.meters[1]],
+    )
+    energy = build_stats(StatsBook(started_s=0.0), nothing, None, 100.0)["energy"]
+    assert (energy["status"], energy["total_j"], energy["kwh"]) == ("unavailable", None, None)
+
+
+def test_window_energy_is_each_meters_own_difference() -> None:
+    book = StatsBook(started_s=0.0)
+    book.note_energy(400.0, EnergyTotals(4000.0, 1000.0, 2800.0, 200.0), R1)
+    book.note_energy(400.0, EnergyTotals(500.0, 100.0, 400.0, 0.0), R2)
+    stats = build_stats(book, per_replica_inputs(ok_snapshot(2000.0, 1100.0, 900.0, 100.0)), 500.0, 1000.0)
+    first, second = stats["energy"]["replicas"]
+    assert (first["total_j"], second["total_j"]) == (6000.0, 1500.0)
+    assert stats["energy"]["total_j"] == 7500.0
+    unnoted = EnergyTotals(10.0, 0.0, 10.0, 0.0)
+    assert book.energy_since(450.0, unnoted, LOCAL_METER) == unnoted  # another meter's history is its own
+
+
+def test_one_meter_for_all_replicas_lists_them() -> None:
+    stats = build_stats(replicas_book(), replicas_inputs(), None, 1000.0)
+    (local,) = stats["energy"]["replicas"]
+    assert (local["urls"], local["exporter"], local["status"]) == ([R1, R2], None, "unavailable")
