@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
