@@ -35,6 +35,7 @@ from server.telemetry.energy_attribution import LOCAL_METER, THIS_HOST, EnergyMe
 from server.telemetry.power_limits import apply_power_limit
 from server.telemetry.power_sources import PowerSource, UnavailableSource, cuda_visible_devices, detect_power_source
 from server.telemetry.recorder import RequestRecorder
+from server.telemetry.stream_trace import StreamTrace
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +63,15 @@ def create_app(
         app.state.supervisor = supervisor
         app.state.recorder = None
         app.state.remote_proxy = None
+        trace = None if settings.stream_trace_path is None else StreamTrace(settings.stream_trace_path)
+        if trace is not None:
+            logger.warning("tracing every stream's reads and writes into %s (diagnostics)", settings.stream_trace_path)
         try:
             if not settings.telemetry:
                 logger.warning("telemetry is off: no metrics, stats, energy or ledger")
-                app.state.proxy = UpstreamProxy(session, balancer, settings.ready_timeout_s, stream_timeouts=timeouts)
+                app.state.proxy = UpstreamProxy(
+                    session, balancer, settings.ready_timeout_s, stream_timeouts=timeouts, trace=trace
+                )
                 app.state.remote_proxy = _remote_proxy(settings, session, None, timeouts)
                 yield
                 return
@@ -73,7 +79,9 @@ def create_app(
                 app.state.recorder = recorder
                 recorder.metrics.add_replicas(balancer.status)
                 recorder.metrics.add_admission(app.state.slots)
-                app.state.proxy = UpstreamProxy(session, balancer, settings.ready_timeout_s, recorder, timeouts)
+                app.state.proxy = UpstreamProxy(
+                    session, balancer, settings.ready_timeout_s, recorder, timeouts, trace=trace
+                )
                 app.state.remote_proxy = _remote_proxy(settings, session, recorder, timeouts)
                 yield
         finally:
@@ -81,6 +89,8 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await health_checks
             await session.close()
+            if trace is not None:
+                trace.close()
 
     app = GatewayApp(title="student-serve gateway", lifespan=lifespan)
     app.state.settings = settings

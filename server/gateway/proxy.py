@@ -30,6 +30,7 @@ from server.gateway.sse import EventSplitter
 from server.runtime.settings import Settings
 from server.telemetry.recorder import RequestRecorder
 from server.telemetry.request_record import RequestRecord, StreamObserver, request_usage_in_stream, take_usage_from_body
+from server.telemetry.stream_trace import StreamTiming, StreamTrace
 
 T = TypeVar("T")
 
@@ -91,8 +92,10 @@ class UpstreamProxy:
         recorder: RequestRecorder | None = None,
         stream_timeouts: StreamTimeouts | None = None,
         target: UpstreamTarget | None = None,
+        trace: StreamTrace | None = None,
     ):
         self._session = session
+        self._trace = trace
         self.balancer = balancer
         self.target = target or UpstreamTarget()
         self._drop_request_headers = _DROP_REQUEST_HEADERS | self.target.drop_headers
@@ -153,7 +156,10 @@ class UpstreamProxy:
             return self._finish(record, no_healthy_replica(exc))
         record.upstream = replica.base_url  # from here on, `_finished` releases the replica
         tried: list[Replica] = []
+        timing = StreamTiming(record.started_s) if self._trace is not None and record.stream else None
         while True:
+            if timing is not None:
+                timing.sent_s = time.monotonic()
             if record.stream:
                 sending = self._session.post(
                     replica.base_url + path, data=body, headers=headers, timeout=self._stream_client_timeout
@@ -164,6 +170,8 @@ class UpstreamProxy:
                 wait_s = None
             try:
                 upstream = await _unless_disconnected(request, sending, wait_s)
+                if timing is not None:
+                    timing.headers_s = time.monotonic()
                 break
             except ClientDisconnectedError:
                 return self._finish(record, Response(status_code=CLIENT_CLOSED_REQUEST))
@@ -185,7 +193,7 @@ class UpstreamProxy:
         if upstream.status >= 400 or not record.stream:
             return await self._whole_answer(request, upstream, record)
         return RelayResponse(
-            self._relay(upstream, record, observer),
+            self._relay(upstream, record, observer, timing),
             status_code=upstream.status,
             headers=forwardable_headers(upstream.headers, _DROP_RESPONSE_HEADERS),
             on_close=lambda: self._abandon(upstream, record),
@@ -291,7 +299,11 @@ class UpstreamProxy:
         )
 
     async def _relay(
-        self, upstream: aiohttp.ClientResponse, record: RequestRecord, observer: StreamObserver | None
+        self,
+        upstream: aiohttp.ClientResponse,
+        record: RequestRecord,
+        observer: StreamObserver | None,
+        timing: StreamTiming | None = None,
     ) -> AsyncIterator[bytes]:
         """Yield the whole SSE events each upstream read completes; on failure end with an error event.
 
@@ -309,7 +321,7 @@ class UpstreamProxy:
         clock = time.monotonic
         try:
             while chunk := await read():
-                watch.last_s = clock()
+                read_s = watch.last_s = clock()
                 out = b""
                 for event in feed(chunk):
                     if keep is not None:
@@ -325,6 +337,8 @@ class UpstreamProxy:
                     yield out
                     watch.sending = False
                     watch.last_s = clock()
+                if timing is not None:
+                    timing.read(read_s, len(chunk), out.count(b"\n\n"))
             rest = splitter.flush()
             if rest:
                 yield rest
@@ -345,6 +359,8 @@ class UpstreamProxy:
             # socket makes vLLM abort the request and free its slot.
             upstream.close()
             self._finished(record, status)
+            if timing is not None and self._trace is not None:
+                self._trace.write(timing, record.request_id, record.status)
 
 
 @dataclass(frozen=True)

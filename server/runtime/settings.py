@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=default_cache_dir)
 
     telemetry: bool = Field(True, description="measure requests (metrics, stats, ledger); off only to benchmark")
+    stream_trace_path: Path | None = Field(
+        None, description="diagnostics: a JSON line per stream with when each upstream read came and went out"
+    )
     ledger_path: Path = Field(default_factory=default_ledger_path, description="SQLite ledger file")
     stats_retention: int = Field(100_000, ge=100, description="finished requests kept in memory for /stats")
 
