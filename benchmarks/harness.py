@@ -257,8 +257,11 @@ class Target:
     service: Service | None  # the gateway process whose CPU is counted; None for vLLM direct
 
 
-def start_stack(services: Services, workdir: Path, model_dir: Path, max_num_seqs: int) -> list[Target]:
-    """One vLLM (held by a `student serve` whose own gateway is not measured) and the gateways."""
+def start_stack(
+    services: Services, workdir: Path, model_dir: Path, max_num_seqs: int, trace_path: Path | None = None
+) -> list[Target]:
+    """One vLLM (held by a `student serve` whose own gateway is not measured) and the gateways;
+    `trace_path` turns on `gw on`'s per-event stream timing (STUDENT_STREAM_TRACE_PATH)."""
     holder_port, vllm_port = free_port(), free_port()
     holder = services.start(
         "vllm holder",
@@ -293,7 +296,7 @@ def start_stack(services: Services, workdir: Path, model_dir: Path, max_num_seqs
     for name, telemetry, argv in [
         (GW_OFF, "false", None),
         (GW_ON, "true", None),
-        (GW_METER, "true", [sys.executable, "-c", "from benchmarks.telemetry import serve_steady_gateway as s; s()"]),
+        (GW_METER, "true", [sys.executable, "-c", "from benchmarks.harness import serve_steady_gateway as s; s()"]),
     ]:
         port = free_port()
         env = {
@@ -302,6 +305,7 @@ def start_stack(services: Services, workdir: Path, model_dir: Path, max_num_seqs
             "STUDENT_UPSTREAM_URL": upstream,
             "STUDENT_PORT": str(port),
             **({"STUDENT_IDLE_W": str(IDLE_W)} if name == GW_METER else {}),
+            **({"STUDENT_STREAM_TRACE_PATH": str(trace_path)} if name == GW_ON and trace_path else {}),
         }
         command = argv or [STUDENT, "serve", "--upstream", upstream, "--port", str(port)]
         gateways.append(services.start(name, command, port, env))

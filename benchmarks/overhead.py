@@ -443,6 +443,15 @@ def report(results: dict[str, Any]) -> str:
             ),
             "",
         ]
+    for concurrency, summary in results.get("gw_on_trace", {}).items():
+        lines.append(
+            f"gw on, inside the gateway, concurrency {concurrency} ({summary['streams']} streams, ms since the "
+            f"request came): upstream headers p50 {fmt(summary['headers_ms_p50'], 2)}; first token read p50 "
+            f"{fmt(summary['first_read_ms_p50'], 2)} (p99 {fmt(summary['first_read_ms_p99'], 2)}), written p50 "
+            f"{fmt(summary['first_written_ms_p50'], 2)}; read-to-written lag p50 "
+            f"{fmt(summary['write_lag_ms_p50'], 3)} (p99 {fmt(summary['write_lag_ms_p99'], 3)}); first read holding "
+            f"several events: {_percent(summary['first_read_holding_several_events'])}"
+        )
     lines.append(
         table(
             ["measure", "target", "load", "value", "goal", "result"],
@@ -468,6 +477,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, help="serve this model directory (default: a tiny random Llama)")
     parser.add_argument(
         "--litellm", metavar="PATH", help="LiteLLM's `litellm` executable: measure its proxy (1 worker) as the peer"
+    )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="also time every stream inside `gw on` (STUDENT_STREAM_TRACE_PATH) and report where first tokens wait",
     )
     parser.add_argument(
         "--out",
@@ -504,7 +518,8 @@ def run(args: argparse.Namespace) -> int:
                 model_dir = build_tiny_model(workdir / "tiny-model")
             else:
                 model_dir = args.model.expanduser().resolve()
-            targets = start_stack(services, workdir, model_dir, max(CONCURRENCIES))
+            trace_path = workdir / "gw-on-trace.jsonl" if args.trace else None
+            targets = start_stack(services, workdir, model_dir, max(CONCURRENCIES), trace_path)
             if args.litellm:
                 targets.append(start_litellm(services, workdir, args.litellm, targets[0].url))
             results["energy"] = {t.name: energy_status(t) for t in targets if t.service and t.name != LITELLM}
@@ -557,11 +572,40 @@ def measure(
     for concurrency in CONCURRENCIES:
         per_block = max(concurrency, math.ceil(args.num_prompts / args.rounds / concurrency) * concurrency)
         say(f"concurrency {concurrency}: {args.rounds} rounds × {len(targets)} targets × {per_block} prompts")
+        traced = _trace_lines(workdir)
         blocks, samples, cpu = run_level(targets, workload, concurrency, per_block, args.rounds, workdir)
         results["levels"][concurrency] = summarize(blocks, samples, names, cpu)
+        if args.trace:
+            results.setdefault("gw_on_trace", {})[concurrency] = trace_summary(_trace_lines(workdir)[len(traced) :])
         results["blocks"] += [asdict(b) for b in blocks]
         results["proxy_cpu_s"][concurrency] = cpu
         results["example_command"] = blocks[-1].command
+
+
+def _trace_lines(workdir: Path) -> list[dict[str, Any]]:
+    path = workdir / "gw-on-trace.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trace_summary(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where `gw on`'s streams spent their time, from its own per-event timing (ms since the
+    request came): upstream headers, the first token's read (upstream's doing, plus the gateway's
+    own delay in reading), and the write lag (read to written: the gateway's doing)."""
+    firsts = [next((read for read in line["reads"] if read[2] > 0), None) for line in lines if line["status"] == 200]
+    firsts = [read for read in firsts if read is not None]
+    lags = [written - read for line in lines for read, _, _, written in line["reads"]]
+    return {
+        "streams": len(lines),
+        "headers_ms_p50": percentile([line["headers_ms"] for line in lines], 50),
+        "first_read_ms_p50": percentile([read[0] for read in firsts], 50),
+        "first_read_ms_p99": percentile([read[0] for read in firsts], 99),
+        "first_written_ms_p50": percentile([read[3] for read in firsts], 50),
+        "write_lag_ms_p50": percentile(lags, 50),
+        "write_lag_ms_p99": percentile(lags, 99),
+        "first_read_holding_several_events": sum(read[2] > 1 for read in firsts) / len(firsts) if firsts else None,
+    }
 
 
 async def _shapes(targets: list[Target], max_tokens: int, results: dict[str, Any]) -> None:

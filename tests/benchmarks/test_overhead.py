@@ -16,6 +16,7 @@ from benchmarks.overhead import (
     shapes_verdict,
     summarize,
     tpot_ms,
+    trace_summary,
     tree_cpu_s,
 )
 
@@ -108,3 +109,17 @@ def test_the_block_command_is_vllm_bench_serve_and_its_detailed_result_is_read()
     )
     assert (result.duration_s, result.completed, result.failed, result.output_tokens) == (2.0, 2, 1, 128)
     assert result.requests[0] == vllm_bench.Request(0.01, 0.3, 64, "") and result.requests[2].error == "HTTP 500"
+
+
+def test_the_trace_summary_tells_upstream_time_from_gateway_time() -> None:
+    lines = [
+        {"status": 200, "headers_ms": 2.0, "reads": [[10.0, 90, 1, 10.1], [12.0, 90, 1, 12.2]]},
+        {"status": 200, "headers_ms": 3.0, "reads": [[3.5, 10, 0, 3.6], [50.0, 300, 3, 50.5]]},
+        {"status": 499, "headers_ms": 4.0, "reads": []},
+    ]
+    summary = trace_summary(lines)
+    assert summary["streams"] == 3
+    assert summary["first_read_ms_p50"] == 30.0  # 10.0 and 50.0: the first read that held an event
+    assert summary["first_written_ms_p50"] == 30.3
+    assert summary["first_read_holding_several_events"] == 0.5
+    assert abs(summary["write_lag_ms_p50"] - 0.15) < 1e-9
