@@ -593,8 +593,10 @@ def trace_summary(lines: list[dict[str, Any]]) -> dict[str, Any]:
     """Where `gw on`'s streams spent their time, from its own per-event timing (ms since the
     request came): upstream headers, the first token's read (upstream's doing, plus the gateway's
     own delay in reading), and the write lag (read to written: the gateway's doing)."""
-    firsts = [next((read for read in line["reads"] if read[2] > 0), None) for line in lines if line["status"] == 200]
-    firsts = [read for read in firsts if read is not None]
+    firsts: list[list[float]] = []
+    for line in lines:
+        if line["status"] == 200:
+            firsts += [read for read in line["reads"] if read[2] > 0][:1]
     lags = [written - read for line in lines for read, _, _, written in line["reads"]]
     return {
         "streams": len(lines),
