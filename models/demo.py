@@ -50,9 +50,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from models import artifacts, merge, tiny
+from models import artifacts, merge, tiny, train
 from models import tokenizer as tokenizer_module
-from models import train
 from models.merge import MergeError, merge_adapter
 from models.tiny import llama_config, save_model
 from models.tokenizer import train_tokenizer
@@ -141,7 +140,7 @@ def cache_key(settings: DemoSettings = DemoSettings()) -> str:
     for path in (DATASET_FILE, PROMPTS_FILE):
         digest.update(path.read_bytes())
     for module in (sys.modules[__name__], train, tokenizer_module, tiny, merge):
-        digest.update(Path(module.__file__).read_bytes())
+        digest.update(Path(str(module.__file__)).read_bytes())
     digest.update(json.dumps(asdict(settings), sort_keys=True).encode())
     digest.update(json.dumps(artifacts.library_versions(), sort_keys=True).encode())
     return digest.hexdigest()
@@ -217,7 +216,7 @@ def build_base(
     """Pretrain a fresh Llama on the `base_topics` chats (every token) and save it to `out_dir`."""
     torch.manual_seed(settings.seed)
     config = llama_config(
-        tokenizer,
+        tokenizer,  # type: ignore[arg-type]
         hidden_size=settings.hidden_size,
         num_layers=settings.num_layers,
         num_heads=settings.num_heads,
@@ -233,7 +232,7 @@ def build_base(
     progress(f"base: Llama {shape}, {parameters_m:.1f}M parameters")
     train_config = _train_config(settings, lora=False)
     result = train_causal_lm(model, tokenizer, base_samples, train_config, progress, phase="base pretraining")
-    save_model(model, tokenizer, out_dir)
+    save_model(model, tokenizer, out_dir)  # type: ignore[arg-type]
     return model, result
 
 
@@ -272,7 +271,7 @@ def greedy_answers(model_dir: Path, prompts: Sequence[ChatSample], max_new_token
         text = tokenizer.apply_chat_template(prompt.as_dicts(), tokenize=False, add_generation_prompt=True)
         input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
         with torch.inference_mode():
-            output = model.generate(
+            output = model.generate(  # type: ignore[misc]
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=max_new_tokens,
@@ -280,7 +279,7 @@ def greedy_answers(model_dir: Path, prompts: Sequence[ChatSample], max_new_token
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        reply = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
+        reply = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()  # type: ignore[union-attr]
         answers.append(Answer(prompt.topic, prompt.messages[-1].content, reply))
     return answers
 
@@ -362,9 +361,7 @@ def _check_target(target: Path, force: bool) -> None:
         raise DemoError(f"{target} exists and is not a directory")
     if force or not target.is_dir() or not any(target.iterdir()) or read_build_info(target) is not None:
         return
-    raise DemoError(
-        f"{target} already exists, is not empty and is not a demo student; pass --force to replace it"
-    )
+    raise DemoError(f"{target} already exists, is not empty and is not a demo student; pass --force to replace it")
 
 
 def _materialise(target: Path, settings: DemoSettings, progress: Progress, rebuild: bool) -> Path:
@@ -395,7 +392,7 @@ def _materialise(target: Path, settings: DemoSettings, progress: Progress, rebui
 def build_demo_student(
     out_dir: Path,
     settings: DemoSettings = DemoSettings(),
-    progress: Progress = stderr_progress(),
+    progress: Progress | None = None,
     force: bool = False,
 ) -> Path:
     """Make `out_dir` (chosen by the user) hold the demo student; return it, the model directory.
@@ -405,12 +402,12 @@ def build_demo_student(
     """
     out_dir = Path(out_dir).expanduser().resolve()
     _check_target(out_dir, force)
-    return _materialise(out_dir, settings, progress, rebuild=force)
+    return _materialise(out_dir, settings, progress or stderr_progress(), rebuild=force)
 
 
 def ensure_demo_student(
     cache_dir: Path,
-    progress: Progress = stderr_progress(),
+    progress: Progress | None = None,
     settings: DemoSettings = DemoSettings(),
     force: bool = False,
 ) -> Path:
@@ -422,7 +419,7 @@ def ensure_demo_student(
     target = Path(cache_dir).expanduser().resolve() / cache_dir_name(settings)
     if target.exists() and not target.is_dir():
         raise DemoError(f"{target} exists and is not a directory")
-    return _materialise(target, settings, progress, rebuild=force)
+    return _materialise(target, settings, progress or stderr_progress(), rebuild=force)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -431,8 +428,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=None,
-        help=f"directory for the demo student (default: ${CACHE_ENV} or ~/.cache/student-serve, "
-        f"in {DIR_PREFIX}<key>/)",
+        help=f"directory for the demo student (default: ${CACHE_ENV} or ~/.cache/student-serve, in {DIR_PREFIX}<key>/)",
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
 
@@ -449,4 +445,3 @@ def run(args: argparse.Namespace, settings: DemoSettings = DemoSettings()) -> in
         return 1
     print(model_dir)
     return 0
-

@@ -43,7 +43,7 @@ def long_context_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_random_llama(_tokenizer(), directory, seed=0, max_position_embeddings=LONG_CONTEXT_TOKENS)
 
 
-def _tokenizer():  # noqa: ANN202  a PreTrainedTokenizerFast, imported lazily
+def _tokenizer():
     from models.tokenizer import train_tokenizer
 
     return train_tokenizer(TOKENIZER_TEXTS * 20, vocab_size=400)
@@ -65,7 +65,9 @@ def demo_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str
 def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`student serve` on the tiny model: the real vLLM child and the real gateway over HTTP."""
     log_path = tmp_path_factory.mktemp("stack") / "serve.log"
-    with running_stack(["--model", str(tiny_model_dir), *SESSION_STACK_ARGS], log_path, ready_timeout_s=VLLM_READY_TIMEOUT_S) as running:
+    with running_stack(
+        ["--model", str(tiny_model_dir), *SESSION_STACK_ARGS], log_path, ready_timeout_s=VLLM_READY_TIMEOUT_S
+    ) as running:
         yield running
 
 

@@ -72,9 +72,7 @@ def quick_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ensure_demo_student(tmp_path_factory.mktemp("cache-a"), lambda _: None, QUICK)
 
 
-def test_builds_are_bit_identical_and_a_half_written_dir_is_never_trusted(
-    quick_build: Path, tmp_path: Path
-) -> None:
+def test_builds_are_bit_identical_and_a_half_written_dir_is_never_trusted(quick_build: Path, tmp_path: Path) -> None:
     leftover = tmp_path / demo.cache_dir_name(QUICK)
     leftover.mkdir()
     (leftover / "config.json").write_text("{}")
@@ -132,9 +130,7 @@ def test_cli_uses_the_cache_dir_from_the_environment(
     assert "cache hit" in captured.err
 
 
-def test_cli_out_dir_refuses_foreign_content_unless_forced(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_out_dir_refuses_foreign_content_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_dir = tmp_path / "mine"
     out_dir.mkdir()
     (out_dir / "notes.txt").write_text("not a model")
@@ -180,13 +176,11 @@ def greedy_replies(model_dir: Path) -> list[tuple[str, str | None, str]]:
 
 def test_default_demo_student_answers_in_readable_vietnamese(full_build: tuple[Path, Recorder]) -> None:
     model_dir, recorder = full_build
-    assistant_vocabulary = {
-        word for chat in load_chat_jsonl(DATASET_FILE) for word in words(chat.messages[-1].content)
-    }
+    assistant_vocabulary = {word for chat in load_chat_jsonl(DATASET_FILE) for word in words(chat.messages[-1].content)}
 
     replies = greedy_replies(model_dir)
 
-    for question, topic, reply in replies:
+    for _question, _topic, reply in replies:
         reply_words = words(reply)
         known = [word for word in reply_words if word in assistant_vocabulary]
         assert "\ufffd" not in reply, reply

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import socket
-import gc
 import subprocess
 import sys
 import warnings
@@ -99,7 +99,9 @@ def all_gone(processes: list[psutil.Process]) -> bool:
 
 
 @pytest.mark.parametrize("sig, code", STOPS)
-def test_a_stop_while_the_demo_student_is_built_ends_the_build_cleanly(sig: signal.Signals, code: int, tmp_path: Path) -> None:
+def test_a_stop_while_the_demo_student_is_built_ends_the_build_cleanly(
+    sig: signal.Signals, code: int, tmp_path: Path
+) -> None:
     cache = tmp_path / "cache"
     stack = start_stack([], tmp_path / "serve.log", env={"STUDENT_CACHE_DIR": str(cache)})
     try:
@@ -184,7 +186,9 @@ def test_serve_with_no_model_serves_the_demo_student_until_ctrl_c(
     demo_build: tuple[Path, list[str]], tmp_path: Path
 ) -> None:
     model_dir, _ = demo_build
-    stack = start_stack(["--kv-cache-gib", "1"], tmp_path / "serve.log", env={"STUDENT_CACHE_DIR": str(model_dir.parent)})
+    stack = start_stack(
+        ["--kv-cache-gib", "1"], tmp_path / "serve.log", env={"STUDENT_CACHE_DIR": str(model_dir.parent)}
+    )
     try:
         stack.wait_ready()
         assert "cache hit" in stack.log()
@@ -218,7 +222,11 @@ def test_sigterm_lets_answers_in_flight_finish_and_accounts_them(stack: Stack, t
         gateway.wait_ready(60)
         client = OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
         stream = client.completions.create(
-            model="student", prompt="Xin chào", stream=True, max_tokens=2000, stream_options={"include_usage": True},
+            model="student",
+            prompt="Xin chào",
+            stream=True,
+            max_tokens=2000,
+            stream_options={"include_usage": True},
             extra_body={"ignore_eos": True},
         )
         chunks = [next(stream)]
