@@ -1,4 +1,10 @@
-"""Session-wide real parts: a tiny locally built model and one running stack (vLLM + gateway)."""
+"""Session-wide real parts: a tiny locally built model and one running stack (vLLM + gateway).
+
+End-to-end tests are marked `e2e` automatically, from the fixtures they use (`E2E_FIXTURES`): a
+real model, vLLM, a gateway process, a browser or Prometheus. Tests that train a model or run a
+`student` command on one carry `@pytest.mark.e2e` themselves. `pytest -m "not e2e"` runs the
+unit tests alone, in under a minute.
+"""
 
 from __future__ import annotations
 
@@ -18,12 +24,40 @@ TOKENIZER_TEXTS = [
 ]
 # Small enough to start fast; max_num_seqs=2 lets a test fill every slot and queue a third request.
 # A 4096-token context lets a "long" request run for seconds even on an idle machine.
-STACK_ARGS = ["--max-model-len", "4096", "--kv-cache-gib", "1", "--max-num-seqs", "2", "--dtype", "float32"]
+# --enforce-eager: vLLM skips torch.compile, which took 17 s of each tiny model's 43 s start-up on
+# 2 cores; the tests are about the gateway, not vLLM's kernels (the demo student and the SIGTERM
+# test start vLLM with its defaults).
+STACK_ARGS = [
+    "--max-model-len", "4096", "--kv-cache-gib", "1", "--max-num-seqs", "2", "--dtype", "float32",
+    "--vllm-arg=--enforce-eager",
+]  # fmt: skip
 SESSION_STACK_ARGS = [*STACK_ARGS, "--access-log"]
 # For tests that need a request still running when they act (disconnect, crash): a 16,384-token
 # answer takes several seconds however fast the box (4,096 took under 2 s on some).
 LONG_CONTEXT_TOKENS = 16384
 LONG_STACK_ARGS = ["--max-model-len", str(LONG_CONTEXT_TOKENS), *STACK_ARGS[2:]]
+# A test using one of these (directly or through another fixture) runs real processes or a real
+# model. Module fixtures that start a gateway on a stand-in upstream are listed too.
+E2E_FIXTURES = frozenset(
+    {
+        "tiny_model_dir",
+        "long_context_model_dir",
+        "smollm2_base",
+        "demo_build",
+        "stack",
+        "gateway_to_broken_upstream",
+        "orphan_gateway",
+        "page",
+        "cpu_run",
+        "trained",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")

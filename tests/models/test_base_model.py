@@ -72,6 +72,7 @@ def test_a_wrong_digest_is_refused_before_reading(tmp_path: Path) -> None:
     ],
     ids=["truncated", "not-gguf", "wrong-digest"],
 )
+@pytest.mark.e2e
 def test_bad_gguf_exits_2_with_one_line_and_leaves_the_cache_empty(
     tmp_path: Path, content: bytes, extra: list[str], expected: str
 ) -> None:
@@ -87,6 +88,7 @@ def test_bad_gguf_exits_2_with_one_line_and_leaves_the_cache_empty(
     assert not cache.exists() or list(cache.iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_a_missing_gguf_and_a_lone_sha256_exit_2(tmp_path: Path) -> None:
     missing = base_model("--gguf", str(tmp_path / "nope.gguf"), "--cache-dir", str(tmp_path))
     assert missing.returncode == 2 and "no GGUF file at" in missing.stderr

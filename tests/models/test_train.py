@@ -127,6 +127,7 @@ def _train(
     return {name: tensor.clone() for name, tensor in model.state_dict().items()}, result
 
 
+@pytest.mark.e2e
 def test_training_lowers_the_loss_and_is_deterministic_for_a_seed(
     small_tokenizer: PreTrainedTokenizerFast,
 ) -> None:

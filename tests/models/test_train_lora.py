@@ -123,6 +123,7 @@ def test_evaluate_loss_is_the_mean_over_assistant_tokens(
     assert model.training
 
 
+@pytest.mark.e2e
 def test_bfloat16_base_trains_float32_lora_weights_that_merge(tiny_base: Path, chats: Path, tmp_path: Path) -> None:
     """The GPU's default dtype, run on the CPU: only device placement differs on a GPU."""
     config = TrainConfig(steps=2, learning_rate=3e-3, batch_size=4, max_length=128, warmup_steps=0)
@@ -155,6 +156,7 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return code, captured.out, captured.err
 
 
+@pytest.mark.e2e
 def test_cli_trains_prints_the_adapter_and_needs_force_to_replace_it(
     tiny_base: Path, chats: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -372,6 +374,7 @@ def _resumable(tiny_base: Path, chats: Path, out: Path, progress, lr: float = 3e
     )
 
 
+@pytest.mark.e2e
 def test_a_stopped_run_resumes_from_its_checkpoint_to_the_same_adapter(
     tiny_base: Path, chats: Path, tmp_path: Path
 ) -> None:

@@ -290,6 +290,7 @@ def test_exit_code_and_table() -> None:
     assert "  c (failed): 100%: +3.00%" in table
 
 
+@pytest.mark.e2e
 def test_train_lora_check_runs_on_the_cpu(tmp_path: Path) -> None:
     """The GPU machine's train-lora check, run here on the CPU: it trains, the loss falls, it merges."""
     base_dir, _ = model_checks.build_tiny_student(tmp_path)
