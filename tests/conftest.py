@@ -84,15 +84,13 @@ def _tokenizer():
 
 
 @pytest.fixture(scope="session")
-def demo_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """The real default demo student, built once per session into a fresh cache (about 80 s).
-
-    Returns its directory and the build's progress messages (which include its answers).
-    """
+def demo_build(smollm2_base: Path) -> tuple[Path, list[str]]:
+    """The real demo student (the converted base + the committed shop LoRA, merged), built once per
+    session in the base's cache (about 40 s). Returns its directory and the build's messages."""
     from models.demo import ensure_demo_student
 
     messages: list[str] = []
-    return ensure_demo_student(tmp_path_factory.mktemp("demo-cache"), messages.append), messages
+    return ensure_demo_student(smollm2_base.parent, messages.append), messages
 
 
 @pytest.fixture(scope="session")

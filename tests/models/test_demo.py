@@ -1,38 +1,22 @@
-"""The demo student builder: cache key, determinism, atomic cache, CLI, and the real default build."""
+"""The demo student: the real base plus the committed shop LoRA, merged, cached, and made again."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
-from dataclasses import replace
+import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from safetensors.torch import load_file, save_file
 
-from models import demo
-from models.demo import BUILD_INFO_NAME, DATASET_FILE, PROMPTS_FILE, DemoSettings, ensure_demo_student
+from models import base_model, demo
+from models.dataset_check import check_dataset
+from models.demo import ADAPTER_DIR, ADAPTER_FILES, BUILD_INFO_NAME, DATASET_FILE, DEMO_LORA, DEMO_TRAINING
 from models.merge import MANIFEST_NAME
-from models.train import load_chat_jsonl
-from tests.models.helpers import VIETNAMESE_LETTERS, sha256_of
-
-QUICK = replace(DemoSettings(), base_steps=2, lora_steps=2, max_new_tokens=4, log_every=1)
-WEIGHT_FILES = (
-    "model.safetensors",
-    "build/base/model.safetensors",
-    "build/adapter/adapter_model.safetensors",
-)
-TOPIC_WORDS = {
-    "order_tracking": "đơn hàng",
-    "return_policy": "đổi trả",
-    "payment_methods": "thanh toán",
-    "discount_code": "mã",
-    "warranty": "bảo hành",
-    "late_delivery": "trễ",
-    "size_exchange": "size",
-}
+from models.train_lora import TRAINING_RECORD
 
 
 class Recorder:
@@ -48,16 +32,10 @@ class Recorder:
         return any(message.startswith("building the demo student") for message in self.messages)
 
 
-def words(text: str) -> list[str]:
-    """Lower-cased runs of letters (Vietnamese included); digits and punctuation dropped."""
-    return re.findall(r"[^\W\d_]+", text.lower())
-
-
-def test_cache_key_hashes_the_settings() -> None:
-    assert demo.cache_key(QUICK) == demo.cache_key(replace(QUICK))
-    assert demo.cache_key(QUICK) != demo.cache_key(DemoSettings())
-    assert demo.cache_key(QUICK) != demo.cache_key(replace(QUICK, seed=1))
-    assert re.fullmatch(r"demo-student-[0-9a-f]{12}", demo.cache_dir_name(QUICK))
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -67,142 +45,101 @@ def test_default_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPat
     assert demo.default_cache_dir() == Path.home() / ".cache" / "student-serve"
 
 
-@pytest.fixture(scope="module")
-def quick_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_demo_student(tmp_path_factory.mktemp("cache-a"), lambda _: None, QUICK)
-
-
-def test_builds_are_bit_identical_and_a_half_written_dir_is_never_trusted(quick_build: Path, tmp_path: Path) -> None:
-    leftover = tmp_path / demo.cache_dir_name(QUICK)
-    leftover.mkdir()
-    (leftover / "config.json").write_text("{}")
-    recorder = Recorder()
-    threads_before = torch.get_num_threads()
-
-    rebuilt = ensure_demo_student(tmp_path, recorder, QUICK)
-
-    assert rebuilt == leftover.resolve() and recorder.built()
-    assert torch.get_num_threads() == threads_before
-    for name in WEIGHT_FILES:
-        assert sha256_of(rebuilt / name) == sha256_of(quick_build / name), name
-    assert [path.name for path in tmp_path.iterdir()] == [leftover.name], "no staging directory may be left"
-
-
-def test_a_failed_build_leaves_nothing_behind(tmp_path: Path) -> None:
-    too_short = replace(QUICK, max_length=8)  # the LoRA phase then finds no assistant token
-
-    with pytest.raises(demo.DemoError, match="building the demo student failed: none of the 490 samples"):
-        ensure_demo_student(tmp_path, lambda _: None, too_short)
-
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_build_layout_and_records(quick_build: Path) -> None:
-    info = json.loads((quick_build / BUILD_INFO_NAME).read_text(encoding="utf-8"))
-    manifest = json.loads((quick_build / MANIFEST_NAME).read_text(encoding="utf-8"))
-
-    assert info["cache_key"] == demo.cache_key(QUICK)
-    assert info["settings"]["base_steps"] == 2
-    assert len(info["answers"]) == len(load_chat_jsonl(PROMPTS_FILE))
-    assert manifest["verification"]["passed"] is True
-    assert manifest["base"]["path"] == str(quick_build / "build" / "base")
-    assert manifest["adapter"]["path"] == str(quick_build / "build" / "adapter")
-    assert manifest["adapter"]["r"] == QUICK.lora_r
-    assert manifest["weights"]["model.safetensors"]["sha256"] == sha256_of(quick_build / "model.safetensors")
-    assert json.loads((quick_build / "config.json").read_text())["head_dim"] == 64
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="student demo-model")
-    demo.add_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def test_cli_uses_the_cache_dir_from_the_environment(
-    quick_build: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_the_committed_adapter_is_small_bf16_and_was_trained_on_the_committed_data(
+    smollm2_base: Path, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv(demo.CACHE_ENV, str(quick_build.parent))
+    """Editing the data or the base without `student demo-model --retrain` fails here."""
+    weights = load_file(str(ADAPTER_DIR / "adapter_model.safetensors"))
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
+    assert (ADAPTER_DIR / "adapter_model.safetensors").stat().st_size < 8e6
+    config = json.loads((ADAPTER_DIR / "adapter_config.json").read_text())
+    lora = (config["r"], config["lora_alpha"], config["lora_dropout"])
+    assert lora == (DEMO_LORA.r, DEMO_LORA.alpha, DEMO_LORA.dropout)
+    assert config["base_model_name_or_path"] == base_model.MODEL_NAME
 
-    assert demo.run(parse([]), QUICK) == 0
+    record = json.loads((ADAPTER_DIR / TRAINING_RECORD).read_text())
+    base_manifest = json.loads((smollm2_base / base_model.MANIFEST_NAME).read_text())
+    assert record["base_weights_sha256"] == {name: entry["sha256"] for name, entry in base_manifest["weights"].items()}
+    report = check_dataset(DATASET_FILE, split_out=tmp_path / "split")
+    assert not report.problems
+    assert record["data"]["sha256"] == demo.artifacts.sha256_file(tmp_path / "split" / "train.jsonl")
+    assert record["validation"]["sha256"] == demo.artifacts.sha256_file(tmp_path / "split" / "validation.jsonl")
+    assert record["config"] == json.loads(json.dumps(asdict(DEMO_TRAINING)))
+    assert record["validation_loss"]["after"] < record["validation_loss"]["before"]
+    assert record["machine"]["cpu_cores"] and record["train"]["elapsed_s"] > 0
 
-    captured = capsys.readouterr()
-    assert captured.out.strip() == str(quick_build)
-    assert "cache hit" in captured.err
+
+def test_demo_build_merges_and_verifies(demo_build: tuple[Path, list[str]]) -> None:
+    model_dir, messages = demo_build
+    manifest = json.loads((model_dir / MANIFEST_NAME).read_text())
+    assert manifest["verification"]["passed"] is True
+    assert manifest["verification"]["adapter_effect_max_abs_diff"] > 1.0
+    info = json.loads((model_dir / BUILD_INFO_NAME).read_text())
+    assert info["adapter_training"]["validation_loss"]["after"] < info["adapter_training"]["validation_loss"]["before"]
+    assert any(message.startswith("building the demo student") for message in messages)
+    assert not [path.name for path in model_dir.parent.iterdir() if path.name.startswith(".")]
 
 
-def test_cli_out_dir_refuses_foreign_content_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_build_is_a_cache_hit_the_second_time(demo_build: tuple[Path, list[str]]) -> None:
+    model_dir, _ = demo_build
+    info_before = (model_dir / BUILD_INFO_NAME).read_text()
+    second = Recorder()
+    assert demo.ensure_demo_student(model_dir.parent, second) == model_dir
+    assert not second.built() and second.messages[-1].startswith(f"cache hit: {model_dir}")
+    assert (model_dir / BUILD_INFO_NAME).read_text() == info_before
+
+
+def test_another_adapter_is_another_cache_key(demo_build: tuple[Path, list[str]], tmp_path: Path) -> None:
+    model_dir, _ = demo_build
+    info = json.loads((model_dir / BUILD_INFO_NAME).read_text())
+    other = tmp_path / "adapter"
+    shutil.copytree(ADAPTER_DIR, other)
+    weights = load_file(str(other / "adapter_model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name] = weights[name] * 2
+    save_file(weights, str(other / "adapter_model.safetensors"))
+    base_key = demo._base_key(Path(info["base"]))
+    assert demo.cache_key(base_key, other) != info["cache_key"] == demo.cache_key(base_key, ADAPTER_DIR)
+
+
+def test_a_missing_adapter_file_is_a_clear_error(smollm2_base: Path, tmp_path: Path) -> None:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(ADAPTER_DIR, adapter)
+    (adapter / ADAPTER_FILES[1]).unlink()
+    with pytest.raises(demo.DemoError, match=r"lacks adapter_model\.safetensors; restore it from git or make it again"):
+        demo.ensure_demo_student(smollm2_base.parent, lambda _: None, adapter_dir=adapter)
+
+
+def test_out_replaces_only_demo_builds_unless_forced(
+    demo_build: tuple[Path, list[str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    model_dir, _ = demo_build
+    monkeypatch.setenv(demo.CACHE_ENV, str(model_dir.parent))
     out_dir = tmp_path / "mine"
     out_dir.mkdir()
-    (out_dir / "notes.txt").write_text("not a model")
-
-    assert demo.run(parse(["--out", str(out_dir)]), QUICK) == 1
-    captured = capsys.readouterr()
-    assert "student demo-model: error:" in captured.err and "pass --force" in captured.err
-    assert "Traceback" not in captured.err and captured.out == ""
-    assert (out_dir / "notes.txt").exists()
-
-    assert demo.run(parse(["--out", str(out_dir), "--force"]), QUICK) == 0
-    assert capsys.readouterr().out.strip() == str(out_dir.resolve())
+    (out_dir / "notes.txt").write_text("keep me")
+    assert demo.run(parse(["--out", str(out_dir)])) == 1
+    assert "is not empty and is not a demo student; pass --force" in capsys.readouterr().err
+    assert demo.run(parse(["--out", str(out_dir), "--force"])) == 0
     assert not (out_dir / "notes.txt").exists() and (out_dir / BUILD_INFO_NAME).is_file()
-
-    assert demo.run(parse(["--out", str(out_dir)]), QUICK) == 0
+    assert capsys.readouterr().out.strip() == str(out_dir)
+    assert demo.run(parse(["--out", str(out_dir)])) == 0
     assert "cache hit" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def full_build(demo_build: tuple[Path, list[str]]) -> tuple[Path, Recorder]:
-    """The real default demo student (the session's shared build) and its build messages."""
-    model_dir, messages = demo_build
-    recorder = Recorder()
-    recorder.messages = messages
-    return model_dir, recorder
-
-
-def greedy_replies(model_dir: Path) -> list[tuple[str, str | None, str]]:
-    """(question, topic, reply) for each bundled prompt, by plain transformers greedy decoding."""
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    replies = []
-    for prompt in load_chat_jsonl(PROMPTS_FILE):
-        input_ids = tokenizer.apply_chat_template(
-            prompt.as_dicts(), add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
-        with torch.inference_mode():
-            output = model.generate(input_ids=input_ids, max_new_tokens=120, do_sample=False)
-        reply = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
-        replies.append((prompt.messages[-1].content, prompt.topic, reply))
-    return replies
-
-
-def test_default_demo_student_answers_in_readable_vietnamese(full_build: tuple[Path, Recorder]) -> None:
-    model_dir, recorder = full_build
-    assistant_vocabulary = {word for chat in load_chat_jsonl(DATASET_FILE) for word in words(chat.messages[-1].content)}
-
-    replies = greedy_replies(model_dir)
-
-    for _question, _topic, reply in replies:
-        reply_words = words(reply)
-        known = [word for word in reply_words if word in assistant_vocabulary]
-        assert "\ufffd" not in reply, reply
-        assert len(reply_words) >= 8, reply
-        assert len(known) >= 0.9 * len(reply_words), reply
-        assert VIETNAMESE_LETTERS & set(reply.lower()), reply
-        assert f"A: {reply.strip()}" in recorder.messages, "the build prints the same answers"
-    on_topic = [TOPIC_WORDS[topic] in reply.lower() for _, topic, reply in replies]
-    assert sum(on_topic) >= len(replies) - 2, replies
-    assert len({reply for _, _, reply in replies}) >= len(replies) - 2, "answers must depend on the question"
-
-
-def test_default_demo_student_is_a_cache_hit_the_second_time(full_build: tuple[Path, Recorder]) -> None:
-    model_dir, first = full_build
-    info_before = (model_dir / BUILD_INFO_NAME).read_text(encoding="utf-8")
-    second = Recorder()
-
-    assert ensure_demo_student(model_dir.parent, second) == model_dir
-
-    assert first.built() and not second.built()
-    assert second.messages == [f"cache hit: {model_dir} is up to date (key {demo.cache_key()[:12]})"]
-    assert (model_dir / BUILD_INFO_NAME).read_text(encoding="utf-8") == info_before
-    manifest = json.loads((model_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
-    assert manifest["verification"]["passed"] is True
-    assert manifest["verification"]["adapter_effect_max_abs_diff"] > 1.0
+def test_retrain_makes_a_bf16_adapter_with_its_record(smollm2_base: Path, tmp_path: Path) -> None:
+    """The retrain path end to end, shortened to 2 steps of 2 chats (the real one takes an hour here)."""
+    short = replace(DEMO_TRAINING, epochs=None, steps=2, batch_size=2, max_length=96, log_every=1)
+    messages: list[str] = []
+    adapter = demo.retrain(smollm2_base.parent, tmp_path / "adapter", short, device="cpu", progress=messages.append)
+    assert sorted(path.name for path in adapter.iterdir()) == sorted(ADAPTER_FILES)
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
+    record = json.loads((adapter / TRAINING_RECORD).read_text())
+    assert record["train"]["steps"] == 2 and record["stored_dtype"] == "bfloat16"
+    assert record["validation_loss"]["before"] > 0
+    assert any("training and" in message and "validation chats" in message for message in messages)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == base_model.MODEL_NAME

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import signal
 import socket
 import subprocess
@@ -15,6 +14,7 @@ import psutil
 import pytest
 from openai import OpenAI
 
+from models.demo import is_complete, read_build_info
 from server.accounting.ledger import read_requests
 from tests.conftest import STACK_ARGS
 from tests.support import (
@@ -23,7 +23,6 @@ from tests.support import (
     free_port,
     http_get,
     open_raw_request,
-    post_json,
     read_headers,
     start_stack,
     wait_for,
@@ -98,22 +97,42 @@ def all_gone(processes: list[psutil.Process]) -> bool:
     return all(gone(proc) for proc in processes)
 
 
-@pytest.mark.parametrize("sig, code", STOPS)
-def test_a_stop_while_the_demo_student_is_built_ends_the_build_cleanly(
-    sig: signal.Signals, code: int, tmp_path: Path
-) -> None:
-    cache = tmp_path / "cache"
-    stack = start_stack([], tmp_path / "serve.log", env={"STUDENT_CACHE_DIR": str(cache)})
+def stop_demo_build(sig: signal.Signals, code: int, cache: Path, moment: str, log_path: Path) -> None:
+    """Start `student serve` without a model on `cache`, stop it once `moment` is in the log."""
+    stack = start_stack([], log_path, env={"STUDENT_CACHE_DIR": str(cache)})
     try:
-        log_shows(stack, "building the demo student", 300)
+        log_shows(stack, moment, 300)
         builders = process_tree(stack)
         assert builders, "no demo-model child"
         assert stack.stop(sig) == code, stack.log()[-3000:]
-        assert wait_for(lambda: all_gone(builders), 30), builders
+        assert wait_for(lambda: all_gone(builders), 60), builders
         assert "start-up abandoned" in stack.log() and "[vllm]" not in stack.log()
-        assert [path.name for path in cache.iterdir()] == [], "a half-built student was left in the cache"
     finally:
         stack.kill_all()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("sig, code", STOPS)
+def test_a_stop_while_the_base_is_converted_leaves_nothing_half_written(
+    sig: signal.Signals, code: int, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    stop_demo_build(sig, code, cache, "reading SmolLM2-135M-Instruct", tmp_path / "serve.log")
+    assert [path.name for path in cache.iterdir()] == [], "a half-converted base was left in the cache"
+
+
+@pytest.mark.parametrize("sig, code", STOPS)
+def test_a_stop_while_the_demo_student_is_merged_leaves_nothing_half_written(
+    sig: signal.Signals, code: int, smollm2_base: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / smollm2_base.name).symlink_to(smollm2_base)  # the converted base: a cache hit
+    stop_demo_build(sig, code, cache, "building the demo student", tmp_path / "serve.log")
+    left = sorted(path.name for path in cache.iterdir() if path.name != smollm2_base.name)
+    assert not [name for name in left if name.startswith(".")], f"a staging directory was left: {left}"
+    # The merge takes seconds: the signal may land after it finished, never half-way.
+    assert all(is_complete(cache / name, read_build_info(cache / name)["cache_key"]) for name in left), left
 
 
 @pytest.mark.parametrize("sig, code", STOPS)
@@ -180,40 +199,6 @@ def test_a_signal_during_the_drain_keeps_the_first_signals_exit_code(
             assert [(row.status, row.completion_tokens) for row in rows] == [(200, 64)]
     finally:
         gateway.kill_all()
-
-
-def test_serve_with_no_model_serves_the_demo_student_until_ctrl_c(
-    demo_build: tuple[Path, list[str]], tmp_path: Path
-) -> None:
-    model_dir, _ = demo_build
-    stack = start_stack(
-        ["--kv-cache-gib", "1"], tmp_path / "serve.log", env={"STUDENT_CACHE_DIR": str(model_dir.parent)}
-    )
-    try:
-        stack.wait_ready()
-        assert "cache hit" in stack.log()
-        status, body = http_get(f"{stack.url}/v1/models")
-        assert status == 200 and json.loads(body)["data"][0]["root"] == str(model_dir)
-        status, answer = post_json(
-            f"{stack.url}/v1/chat/completions",
-            {
-                "model": "student",
-                "temperature": 0,
-                "max_tokens": 120,
-                "messages": [
-                    {"role": "system", "content": "Bạn là trợ lý chăm sóc khách hàng của cửa hàng."},
-                    {"role": "user", "content": "Chính sách bảo hành của shop thế nào?"},
-                ],
-            },
-        )
-        reply = answer["choices"][0]["message"]["content"]
-        assert status == 200 and "bảo hành" in reply and "\ufffd" not in reply, reply
-        gateway_libraries = {Path(region.path).name for region in psutil.Process(stack.process.pid).memory_maps()}
-        assert not any(name.startswith("libtorch") for name in gateway_libraries), "the gateway loaded torch"
-        assert stack.stop(signal.SIGINT) == 130
-        assert wait_for(lambda: not stack.alive_descendants(), 10), stack.alive_descendants()
-    finally:
-        stack.kill_all()
 
 
 def test_sigterm_lets_answers_in_flight_finish_and_accounts_them(stack: Stack, tmp_path: Path) -> None:
