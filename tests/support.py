@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +180,24 @@ class Stack:
         finally:
             engine.resume()
 
+    def step_engine_until(self, condition: Callable[[], bool], step_s: float = 0.2, timeout_s: float = 120.0) -> bool:
+        """Inside `engine_paused()`: let the engine run `step_s` at a time until `condition` holds
+        while it is stopped; False if it never does within `timeout_s`.
+
+        On two cores vLLM's API server can fall far behind a running engine: a fresh-clone run
+        and runs here saw a stream's first event, and the gauges, arrive only once a
+        16,384-token answer had ended. While the engine is stopped the API server catches up,
+        so `condition` (a stream's events, a gauge) is read then, and is still true when read.
+        """
+        engine = self.vllm_engine()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            run_for(engine, step_s)
+            if wait_for(condition, 2.0):
+                return True
+            if time.monotonic() > deadline:
+                return False
+
     def alive_descendants(self) -> list[psutil.Process]:
         alive = []
         for proc in self.descendants:
@@ -194,6 +213,23 @@ class Stack:
             proc.kill()
         if self.process.poll() is None:
             self.process.kill()
+
+
+def run_for(process: psutil.Process, seconds: float) -> None:
+    """SIGCONT a stopped `process`, and SIGSTOP it again `seconds` later.
+
+    Timed by a real-time (SCHED_FIFO) shell where allowed (root, as in CI): while vLLM's engine
+    runs on two cores, a plain process here was measured to wake from a 10 ms sleep up to 50 s
+    late, so a step timed by this test could let a 16k-token answer run to its end.
+    """
+    step = f"kill -CONT {process.pid}; sleep {seconds}; kill -STOP {process.pid}"
+    if shutil.which("chrt"):
+        timed = subprocess.run(["chrt", "-f", "10", "sh", "-c", step], stderr=subprocess.DEVNULL)
+        if timed.returncode == 0:
+            return
+    process.resume()
+    time.sleep(seconds)
+    process.suspend()
 
 
 def engine_core(processes: list[psutil.Process]) -> psutil.Process:

@@ -69,13 +69,25 @@ def answer_text(answer: dict) -> str:
     return choice["text"] if "text" in choice else choice["message"]["content"]
 
 
-def read_until_events(sock: socket.socket, count: int) -> bytes:
-    received = b""
-    while received.count(b"data: ") < count:
-        chunk = sock.recv(65536)
-        assert chunk, f"stream ended early: {received[-500:]!r}"
-        received += chunk
-    return received
+class EventTally:
+    """SSE events received so far on a raw socket, read without blocking the test."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self.received = b""
+
+    def at_least(self, count: int) -> bool:
+        self._sock.settimeout(0.05)
+        try:
+            while self.received.count(b"data: ") < count:
+                chunk = self._sock.recv(65536)
+                assert chunk, f"stream ended early: {self.received[-500:]!r}"
+                self.received += chunk
+        except TimeoutError:
+            pass
+        finally:
+            self._sock.settimeout(60)
+        return self.received.count(b"data: ") >= count
 
 
 def gateway_in_flight(stack: Stack) -> int:
@@ -237,9 +249,11 @@ def test_models_lists_the_served_model(stack: Stack) -> None:
 
 def test_disconnect_mid_stream_aborts_the_vllm_request(idle_stack: Stack) -> None:
     before, handled = finish_counts(idle_stack), vllm_handled(idle_stack)
-    sock = open_raw_request(idle_stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True})
-    read_until_events(sock, 3)
     with idle_stack.engine_paused():  # however fast the box, the request cannot finish meanwhile
+        sock = open_raw_request(idle_stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True})
+        assert read_headers(sock).startswith(b"HTTP/1.1 200"), gateway_state(idle_stack)
+        tally = EventTally(sock)
+        assert idle_stack.step_engine_until(lambda: tally.at_least(3)), gateway_state(idle_stack)
         sock.close()
         assert wait_for(lambda: gateway_in_flight(idle_stack) == 0, 60), gateway_state(idle_stack)
         assert wait_for(lambda: vllm_handled(idle_stack) == handled + 1, 60), gateway_state(idle_stack)
@@ -249,13 +263,15 @@ def test_disconnect_mid_stream_aborts_the_vllm_request(idle_stack: Stack) -> Non
 def test_disconnect_before_first_token_aborts_the_queued_request(idle_stack: Stack) -> None:
     # The stack runs at most 2 sequences: fill both, so the third waits for its first token.
     before, handled = finish_counts(idle_stack), vllm_handled(idle_stack)
-    busy = [
-        open_raw_request(idle_stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True}) for _ in range(2)
-    ]
-    for sock in busy:
-        read_until_events(sock, 1)
-    prefilled_tokens = vllm_gauge(idle_stack.vllm_url, "vllm:prompt_tokens_total")
     with idle_stack.engine_paused():
+        busy = [
+            open_raw_request(idle_stack.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True})
+            for _ in range(2)
+        ]
+        for sock in busy:
+            assert read_headers(sock).startswith(b"HTTP/1.1 200"), gateway_state(idle_stack)
+        assert idle_stack.step_engine_until(lambda: vllm_load(idle_stack) == (2, 0)), gateway_state(idle_stack)
+        prefilled_tokens = vllm_gauge(idle_stack.vllm_url, "vllm:prompt_tokens_total")
         queued = open_raw_request(idle_stack.port, "/v1/chat/completions", {**CHAT, **LONG, "stream": True})
         # vLLM sends a stream's headers just before it adds the request to its engine: closing
         # earlier could cancel it inside that step, where vLLM sends no abort.
@@ -275,11 +291,13 @@ def test_disconnect_before_first_token_aborts_the_queued_request(idle_stack: Sta
 
 def test_disconnect_from_a_non_streaming_request_aborts_it(idle_stack: Stack) -> None:
     before, handled = finish_counts(idle_stack), vllm_handled(idle_stack)
-    # Frozen from the start: while the engine runs, vLLM's API server can fall behind it here
-    # (two cores), and its gauges with it, so "vLLM holds the request" cannot be waited for.
+    # Frozen from the start and run in steps: while the engine runs, vLLM's API server can fall
+    # behind it here (two cores), and its gauges with it. Closing as soon as the gateway counts
+    # the request could cancel it before it was sent upstream, and vLLM would have nothing to abort.
     with idle_stack.engine_paused():
         sock = open_raw_request(idle_stack.port, "/v1/chat/completions", {**CHAT, **LONG})
-        assert wait_for(lambda: gateway_in_flight(idle_stack) == 1, 60), gateway_state(idle_stack)
+        assert idle_stack.step_engine_until(lambda: vllm_load(idle_stack) == (1, 0)), gateway_state(idle_stack)
+        assert gateway_in_flight(idle_stack) == 1, gateway_state(idle_stack)
         sock.close()
         assert wait_for(lambda: gateway_in_flight(idle_stack) == 0, 60), gateway_state(idle_stack)
         assert wait_for(lambda: vllm_handled(idle_stack) == handled + 1, 60), gateway_state(idle_stack)
@@ -351,29 +369,34 @@ def read_stream_to_end(sock: socket.socket, received: bytes = b"") -> list[bytes
 def test_no_first_token_in_time_ends_the_stream_and_aborts_upstream(
     idle_stack: Stack, impatient_gateway: Stack
 ) -> None:
+    before, handled = finish_counts(idle_stack), vllm_handled(idle_stack)
     with idle_stack.engine_paused():
         sock = open_raw_request(impatient_gateway.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True})
         events = read_stream_to_end(sock)
+        assert wait_for(lambda: vllm_handled(idle_stack) == handled + 1, 60), gateway_state(impatient_gateway)
     sock.close()
     assert events[-1] == b"[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["code"] == 504 and "no first token" in error["message"], error
-    assert_idle_soon(idle_stack, timeout_s=15, why="vLLM kept the request after the gateway gave up on it")
+    assert_aborted(idle_stack, before)
 
 
 def test_upstream_silent_between_tokens_ends_the_stream_and_aborts_upstream(
     idle_stack: Stack, impatient_gateway: Stack
 ) -> None:
-    sock = open_raw_request(impatient_gateway.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True})
-    received = read_until_events(sock, 3)
+    before, handled = finish_counts(idle_stack), vllm_handled(idle_stack)
     with idle_stack.engine_paused():
-        events = read_stream_to_end(sock, received)
+        sock = open_raw_request(impatient_gateway.port, "/v1/completions", {**COMPLETION, **LONG, "stream": True})
+        assert read_headers(sock).startswith(b"HTTP/1.1 200")
+        tally = EventTally(sock)
+        assert idle_stack.step_engine_until(lambda: tally.at_least(3), step_s=0.5, timeout_s=1.0)
+        events = read_stream_to_end(sock, tally.received)
+        assert wait_for(lambda: vllm_handled(idle_stack) == handled + 1, 60), gateway_state(impatient_gateway)
     sock.close()
     assert events[-1] == b"[DONE]"
     assert len(events) > 3
     error = json.loads(events[-2])["error"]
     assert error["code"] == 504 and "sent nothing for" in error["message"], error
-    # 3,900 tokens would take far longer than this: the request was aborted, not finished.
-    assert_idle_soon(idle_stack, timeout_s=10, why="vLLM kept the request after the gateway gave up on it")
+    assert_aborted(idle_stack, before)
     status, stats = http_get(f"{impatient_gateway.url}/stats")
     assert status == 200 and json.loads(stats)["requests"]["error"] >= 1
