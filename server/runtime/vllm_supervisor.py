@@ -29,6 +29,10 @@ TAIL_LINES = 40
 _PR_SET_PDEATHSIG = 1
 RESTART_BACKOFF_S = (1.0, 60.0)  # first wait, longest wait
 STABLE_AFTER_S = 300.0  # a vLLM that ran this long starts the backoff afresh
+# A vLLM that never answered /health has no answers to finish, and one stopped mid-start-up
+# finishes its engine's start first (18 s of a tiny model's here): it gets this grace, not
+# `vllm_stop_timeout_s`, before SIGKILL.
+STARTING_STOP_GRACE_S = 3.0
 State = Literal["not started", "running", "restarting", "stopping", "exited"]
 
 
@@ -97,6 +101,7 @@ class VllmSupervisor:
         self._restarting_reason: str | None = None
         self.restarts = 0
         self._started_s = 0.0
+        self._healthy = False  # the current process has answered /health
         self._watcher: threading.Thread | None = None
 
     @property
@@ -140,6 +145,7 @@ class VllmSupervisor:
         command = vllm_command(self._settings, self._model_dir)
         self._write(f"{LOG_PREFIX}starting: {' '.join(command)}")
         self._started_s = time.monotonic()
+        self._healthy = False
         self._process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -177,6 +183,7 @@ class VllmSupervisor:
                     f"vLLM exited with code {code} during start-up. Last log lines:\n{self.log_tail()}"
                 )
             if _answers_health(self.health_url):
+                self._healthy = True
                 if self._watcher is None:
                     self._watcher = threading.Thread(target=self._watch, name="vllm-watch", daemon=True)
                     self._watcher.start()
@@ -190,7 +197,11 @@ class VllmSupervisor:
                 return None
 
     def stop(self) -> int | None:
-        """SIGTERM the whole process group, SIGKILL after the grace period; returns the exit code."""
+        """SIGTERM the whole process group, SIGKILL after the grace period; returns the exit code.
+
+        The grace is `vllm_stop_timeout_s` seconds once vLLM has answered /health, and at most
+        `STARTING_STOP_GRACE_S` while it is still starting.
+        """
         with self._lock:
             self._stopping = True
             self._stop_event.set()
@@ -198,11 +209,14 @@ class VllmSupervisor:
         if process is None:
             return None
         if process.poll() is None:
+            grace_s = self._settings.vllm_stop_timeout_s
+            if not self._healthy:
+                grace_s = min(grace_s, STARTING_STOP_GRACE_S)
             self._signal_group(signal.SIGTERM)
             try:
-                process.wait(self._settings.vllm_stop_timeout_s)
+                process.wait(grace_s)
             except subprocess.TimeoutExpired:
-                self._write(f"{LOG_PREFIX}did not stop in {self._settings.vllm_stop_timeout_s:g} s, killing")
+                self._write(f"{LOG_PREFIX}did not stop in {grace_s:g} s, killing")
         # The engine and workers may outlive the API process: clear the whole group.
         self._signal_group(signal.SIGKILL)
         code = process.wait()
@@ -267,6 +281,7 @@ class VllmSupervisor:
         """Clear the restarting state once the new vLLM answers /health (or return if it died)."""
         while not self._stop_event.is_set() and process is not None and process.poll() is None:
             if _answers_health(self.health_url):
+                self._healthy = True
                 self._restarting_reason = None
                 self._write(f"{LOG_PREFIX}back after restart {self.restarts}")
                 return

@@ -149,6 +149,8 @@ def test_a_stop_while_vllm_starts_stops_it(
         vllm = process_tree(stack)
         assert stack.stop(sig) == code, stack.log()[-3000:]
         assert "vLLM ready" not in stack.log() and "start-up abandoned" in stack.log()
+        # A vLLM that never answered /health gets the short grace, not STUDENT_VLLM_STOP_TIMEOUT_S.
+        assert "did not stop in 20 s" not in stack.log()
         assert wait_for(lambda: all_gone(vllm), 30), vllm
     finally:
         stack.kill_all()

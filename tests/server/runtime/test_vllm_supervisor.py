@@ -75,8 +75,10 @@ def _processes_in_group(pgid: int) -> list[psutil.Process]:
 
 
 def test_sigterm_to_serve_leaves_no_vllm_process(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # Default settings on purpose: no --max-model-len, so vLLM takes the model's own (4096).
-    stack = start_stack(["--model", str(tiny_model_dir), "--kv-cache-gib", "1"], tmp_path / "serve.log")
+    # No --max-model-len on purpose, so vLLM takes the model's own (4096). Eager: the demo student's
+    # Ctrl-C test stops a vLLM started with torch.compile (its compile workers included).
+    args = ["--model", str(tiny_model_dir), "--kv-cache-gib", "1", "--vllm-arg=--enforce-eager"]
+    stack = start_stack(args, tmp_path / "serve.log")
     try:
         stack.wait_ready()
         assert len(stack.descendants) >= 2, "expected vLLM's API server and engine processes"
@@ -87,14 +89,24 @@ def test_sigterm_to_serve_leaves_no_vllm_process(tiny_model_dir: Path, tmp_path:
         stack.kill_all()
 
 
+def unsupported_model(tiny_model_dir: Path, target: Path) -> Path:
+    """An architecture vLLM does not know: its API server refuses it before starting an engine."""
+    shutil.copytree(tiny_model_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
+    return target
+
+
 def test_startup_failure_through_serve_exits_with_the_reason(tiny_model_dir: Path, tmp_path: Path) -> None:
     stack = start_stack(
-        ["--model", str(broken_model(tiny_model_dir, tmp_path / "broken")), *STACK_ARGS], tmp_path / "log"
+        ["--model", str(unsupported_model(tiny_model_dir, tmp_path / "unsupported")), *STACK_ARGS], tmp_path / "log"
     )
     try:
         assert stack.process.wait(300) == 1
         log = stack.log()
         assert "student serve: vLLM exited with code" in log and "Last log lines:" in log
+        error = log[log.index("student serve: vLLM exited with code") :]
+        assert "NoSuchModelForCausalLM" in error, error[-3000:]
     finally:
         stack.kill_all()
 
