@@ -108,12 +108,17 @@ def execute(plan: RunPlan) -> RunResult:
         feed.t0_epoch = t0_epoch
         for k, client_id in enumerate(sorted(master.clients, key=master.get_worker_index)):
             master.send_message(PLAN_MESSAGE, feed.share(k, expected).to_plan(), client_id=client_id)
-        in_flight = lambda: sum(in_flight_by_worker.values())  # noqa: E731
+
+        def in_flight() -> int:
+            return sum(in_flight_by_worker.values())
+
         runner: locust.runners.Runner = master
     else:
         runner = env.create_local_runner()
         setattr(env, FEED_ATTRIBUTE, feed)
-        in_flight = lambda: feed.in_flight  # noqa: E731
+
+        def in_flight() -> int:
+            return feed.in_flight
 
     base = str(plan.out_dir / "locust")
     csv_writer = StatsCSVFileWriter(env, PERCENTILES_TO_REPORT, base, full_history=True)

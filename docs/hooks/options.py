@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # mkdocs loads this file by path; the project may not be installed
     sys.path.insert(0, str(ROOT))
 
-from server.runtime.profiles import PROFILES  # noqa: E402
-from server.runtime.serve_flags import option_rows  # noqa: E402
+from server.runtime.profiles import PROFILES  # noqa: E402  only importable once ROOT is on sys.path
+from server.runtime.serve_flags import option_rows  # noqa: E402  as above
 
 OPTIONS_MARKER = "<!-- options: student serve -->"
 PROFILES_MARKER = "<!-- profiles: student serve -->"

@@ -1377,7 +1377,7 @@ def build_eval_set(
     (with or without diacritics) with any training question.
     """
     card = card or load_card()
-    train_questions = [str(chat["messages"][1]["content"]) for chat in chats]  # type: ignore[index]
+    train_questions = [str(chat["messages"][1]["content"]) for chat in chats]  # type: ignore[index]  # messages: role/content dicts
     seen = {question_key(question) for question in train_questions}
     train_grams = set().union(*(word_ngrams(question) for question in train_questions))
     items: list[dict[str, object]] = []

@@ -32,6 +32,7 @@ from models.distill.teacher import TeacherClient, TeacherError, TeacherRejectedE
 from models.evaluation.answering import client_error_text
 
 Verdict = Literal["A", "B", "tie"]
+_VERDICT_WORDS: dict[str, Verdict] = {"a": "A", "b": "B", "tie": "tie"}
 Preference = Literal["target", "reference", "tie"]
 Outcome = Literal["win", "tie", "loss", "invalid"]
 ORDERS = ("target_first", "reference_first")  # target = A, then target = B
@@ -84,7 +85,7 @@ def parse_verdict(reply: str) -> Verdict | None:
     if not isinstance(payload, str):
         return None
     word = payload.strip().strip("\"'").rstrip(".").strip().casefold()
-    return {"a": "A", "b": "B", "tie": "tie"}.get(word)  # type: ignore[return-value]
+    return _VERDICT_WORDS.get(word)
 
 
 def preference(order: str, verdict: Verdict | None) -> Preference | None:

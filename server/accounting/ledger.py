@@ -342,7 +342,7 @@ def _request_row(values: tuple[object, ...]) -> RequestRow:
     fields = dict(zip(_REQUEST_COLUMNS, values, strict=True))
     fields["stream"] = bool(fields["stream"])
     fields["api_cost_usd"] = json.loads(str(fields["api_cost_usd"]))
-    return RequestRow(**fields)  # type: ignore[arg-type]
+    return RequestRow(**fields)  # type: ignore[arg-type]  # sqlite3 gives objects; the columns are the row's fields
 
 
 def read_energy(path: Path, since_unix: float = -math.inf, until_unix: float = math.inf) -> list[EnergyRow]:

@@ -454,10 +454,11 @@ class RelayResponse(StreamingResponse):
                 task.cancel()
             await asyncio.gather(relay, watch, return_exceptions=True)
             # A relay cancelled before its first event never ran its own `finally`.
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]  # ours is a generator
             self._on_close()
-        if relay.done() and not relay.cancelled() and relay.exception() is not None:
-            raise relay.exception()  # type: ignore[misc]
+        error = relay.exception() if relay.done() and not relay.cancelled() else None
+        if error is not None:
+            raise error
 
     async def stream_response(self, send: Send) -> None:
         """Headers and the closing chunk through ASGI; the chunks between straight to the socket

@@ -519,15 +519,12 @@ def compare_counter_and_instant(readings: Sequence[Reading]) -> dict[str, Any]:
     Returns both energies (J), their mean powers (W), the difference in % of the counter
     (positive: instant power integrates to more), and how often each value really updated.
     """
-    usable = [r for r in readings if r.energy_j is not None and r.power_w is not None]
+    usable = [(r.time_s, r.energy_j, r.power_w) for r in readings if r.energy_j is not None and r.power_w is not None]
     if len(usable) < 3:
         raise ValueError(f"only {len(usable)} readings with both counter and power")
-    duration_s = usable[-1].time_s - usable[0].time_s
-    counter_j = usable[-1].energy_j - usable[0].energy_j  # type: ignore[operator]
-    integral_j = math.fsum(
-        (a.power_w + b.power_w) / 2 * (b.time_s - a.time_s)  # type: ignore[operator]
-        for a, b in itertools.pairwise(usable)
-    )
+    duration_s = usable[-1][0] - usable[0][0]
+    counter_j = usable[-1][1] - usable[0][1]
+    integral_j = math.fsum((a_w + b_w) / 2 * (b_s - a_s) for (a_s, _, a_w), (b_s, _, b_w) in itertools.pairwise(usable))
     return {
         "readings": len(usable),
         "duration_s": duration_s,
@@ -537,13 +534,9 @@ def compare_counter_and_instant(readings: Sequence[Reading]) -> dict[str, Any]:
         "counter_mean_w": counter_j / duration_s if duration_s else None,
         "instant_mean_w": integral_j / duration_s if duration_s else None,
         "diff_pct": 100.0 * (integral_j - counter_j) / counter_j if counter_j > 0 else None,
-        "counter_resets": sum(
-            1
-            for a, b in itertools.pairwise(usable)
-            if a.energy_j is not None and b.energy_j is not None and b.energy_j < a.energy_j
-        ),
-        "counter": _changes([(r.time_s, r.energy_j) for r in usable]),  # type: ignore[misc]
-        "instant": _changes([(r.time_s, r.power_w) for r in usable]),  # type: ignore[misc]
+        "counter_resets": sum(1 for (_, a_j, _), (_, b_j, _) in itertools.pairwise(usable) if b_j < a_j),
+        "counter": _changes([(time_s, energy_j) for time_s, energy_j, _ in usable]),
+        "instant": _changes([(time_s, power_w) for time_s, _, power_w in usable]),
     }
 
 

@@ -206,13 +206,15 @@ def _print_usage(settings: Settings) -> None:
 def _describe_routing(settings: Settings) -> str:
     """One line on hybrid routing, naming where the key comes from, never the key."""
     price = settings.remote_api_price
+    if price is None:
+        raise ValueError("hybrid routing is described only when a remote is set")
     rules = settings.routing_rules
     key = f"key from ${settings.remote_api_key_env}" if settings.remote_api_key_env else "no key"
     keywords = ", ".join(rules.keywords) or "none"
     fallback = "on" if rules.fallback else "off"
     return (
         f"hybrid routing: remote {settings.remote_url} model '{settings.remote_model}' ({key}; "
-        f"${price.input_usd_per_mtok:g}/${price.output_usd_per_mtok:g} per 1M tokens in/out); "  # type: ignore[union-attr]
+        f"${price.input_usd_per_mtok:g}/${price.output_usd_per_mtok:g} per 1M tokens in/out); "
         f"{rules.header}: local|remote, models {sorted(rules.remote_models)}, keywords: {keywords}; "
         f"fallback to remote: {fallback}"
     )

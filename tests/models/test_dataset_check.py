@@ -103,7 +103,7 @@ def test_malformed_lines_are_named_by_line_number_and_reason(tmp_path: Path) -> 
         "{not json",
         json.dumps({"messages": [{"role": "bot", "content": "Chào"}]}),
         json.dumps(no_answer),
-        json.dumps(row("Hỏi?", "Trả lời đầy đủ.", task=7)),  # type: ignore[arg-type]
+        json.dumps(row("Hỏi?", "Trả lời đầy đủ.", task=7)),
         json.dumps(row("Hỏi?", "Trả lời đầy đủ.", reasoning=["a"])),
     ]
     path.write_bytes("\n".join(lines).encode() + b"\n\xff\xfe\n")

@@ -50,7 +50,7 @@ def quiet(_: str) -> None:
 
 
 def labelled_text(tokenizer: PreTrainedTokenizerFast, sample: ChatSample, loss_on: str = "assistant") -> str:
-    encoded = encode_sample(tokenizer, sample, max_length=512, loss_on=loss_on)  # type: ignore[arg-type]
+    encoded = encode_sample(tokenizer, sample, max_length=512, loss_on=loss_on)
     pairs = zip(encoded.input_ids, encoded.labels, strict=True)
     return tokenizer.decode([token for token, label in pairs if label != IGNORE_INDEX])
 

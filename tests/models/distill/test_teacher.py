@@ -120,7 +120,7 @@ async def scripted_teacher(
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = site._server.sockets[0].getsockname()[1]
     server.url = f"http://127.0.0.1:{port}/v1"
     try:
         yield server

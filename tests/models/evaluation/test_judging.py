@@ -68,7 +68,7 @@ def test_a_verdict_prefers_a_side_by_the_order_shown() -> None:
     ],
 )
 def test_both_orders_combine_into_one_outcome(first: str | None, second: str | None, outcome: str) -> None:
-    assert combine(first, second) == outcome  # type: ignore[arg-type]
+    assert combine(first, second) == outcome
 
 
 def test_a_judge_always_answering_a_gives_ties_only() -> None:

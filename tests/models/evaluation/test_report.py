@@ -33,7 +33,7 @@ def answer(item_id: str, text: str, attempts: int = 1, error: str | None = None)
 def judged(verdicts: tuple[str | None, str | None]) -> ItemJudgement:
     orders = ("target_first", "reference_first")
     return ItemJudgement(
-        tuple(OrderVerdict(o, str(v), v, preference(o, v)) for o, v in zip(orders, verdicts, strict=True))  # type: ignore[arg-type]
+        tuple(OrderVerdict(o, str(v), v, preference(o, v)) for o, v in zip(orders, verdicts, strict=True))
     )
 
 

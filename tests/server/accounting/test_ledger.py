@@ -52,7 +52,7 @@ def request_row(finished_at: float = 1_750_000_000.0, **changes: object) -> Requ
         "api_cost_usd": {"gpt-4.1": 0.0012, "deepseek-v3.2": 0.000063},
     }
     fields.update(changes)
-    return RequestRow(**fields)  # type: ignore[arg-type]
+    return RequestRow(**fields)
 
 
 def energy_row(ended_at: float = 1_750_000_060.0, **changes: object) -> EnergyRow:
@@ -71,7 +71,7 @@ def energy_row(ended_at: float = 1_750_000_060.0, **changes: object) -> EnergyRo
         "currency": "VND",
     }
     fields.update(changes)
-    return EnergyRow(**fields)  # type: ignore[arg-type]
+    return EnergyRow(**fields)
 
 
 @pytest.fixture

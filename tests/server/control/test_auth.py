@@ -116,7 +116,7 @@ def test_over_the_token_limit_is_a_429_with_retry_after_before_the_request_limit
         app=None,
         digests={},
         requests_per_minute=1,
-        token_limiter=tokens,  # type: ignore[arg-type]
+        token_limiter=tokens,
     )
     assert middleware._check_api({"path": "/v1/chat/completions"}) is None  # the one request of this minute
     tokens.add("anonymous", 30, now_s=time.monotonic())
@@ -134,7 +134,7 @@ def test_a_token_limit_without_telemetry_is_a_loud_warning(caplog: pytest.LogCap
 
 
 def test_localhost_only_observability_refuses_other_clients() -> None:
-    middleware = AccessMiddleware(app=None, digests={}, observability="localhost")  # type: ignore[arg-type]
+    middleware = AccessMiddleware(app=None, digests={}, observability="localhost")
     assert middleware._check_observer({"path": "/stats", "client": ("10.0.0.5", 5000)}).status_code == 403
     assert middleware._check_observer({"path": "/stats", "client": ("127.0.0.1", 5000)}) is None
     assert middleware._check_observer({"path": "/metrics", "client": ("::1", 5000)}) is None

@@ -60,12 +60,12 @@ def streaming_app(served: Served) -> GatewayApp:
 class ObservedRelay(RelayResponse):
     """RelayResponse that also notes the writer it got and whether the client pushed back."""
 
-    def __init__(self, *args, served: Served, **kwargs):  # type: ignore[no-untyped-def]
+    def __init__(self, *args, served: Served, **kwargs):
         super().__init__(*args, **kwargs)
         self._served = served
 
-    async def stream_response(self, send) -> None:  # type: ignore[no-untyped-def]
-        async def noting_send(message):  # type: ignore[no-untyped-def]
+    async def stream_response(self, send) -> None:
+        async def noting_send(message):
             await send(message)
             if message["type"] == "http.response.start":
                 writer = ChunkWriter.for_scope(self._scope)

@@ -225,32 +225,32 @@ def test_validating_a_typical_chat_body_costs_microseconds() -> None:
 
 
 def test_unknown_model_is_404_on_param_model() -> None:
-    error = check_served(validate_chat(chat(model="gpt-5")), SERVED)  # type: ignore[arg-type]
+    error = check_served(validate_chat(chat(model="gpt-5")), SERVED)
     assert refusal(error) == (404, "model")
     assert isinstance(error, RequestError) and "student" in error.message
 
 
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
 def test_more_tokens_than_the_context_is_400(field: str) -> None:
-    assert check_served(validate_chat(chat(**{field: 4096})), SERVED) is None  # type: ignore[arg-type]
-    assert refusal(check_served(validate_chat(chat(**{field: 4097})), SERVED)) == (400, field)  # type: ignore[arg-type]
+    assert check_served(validate_chat(chat(**{field: 4096})), SERVED) is None
+    assert refusal(check_served(validate_chat(chat(**{field: 4097})), SERVED)) == (400, field)
 
 
 def test_no_model_is_judged_against_the_default_one() -> None:
     request = validate_chat({"messages": [USER], "max_tokens": 10_000})
-    assert refusal(check_served(request, SERVED)) == (400, "max_tokens")  # type: ignore[arg-type]
+    assert refusal(check_served(request, SERVED)) == (400, "max_tokens")
 
 
 def test_max_completion_tokens_is_not_a_completions_field() -> None:
     """vLLM ignores it on /v1/completions, so the gateway must not refuse for it."""
     request = validate_completion({**COMPLETION, "max_completion_tokens": 10**9})
-    assert check_served(request, SERVED) is None  # type: ignore[arg-type]
+    assert check_served(request, SERVED) is None
 
 
 def test_nothing_is_refused_for_model_reasons_when_the_list_is_unknown() -> None:
-    assert check_served(validate_chat(chat(model="gpt-5", max_tokens=10**9)), None) is None  # type: ignore[arg-type]
+    assert check_served(validate_chat(chat(model="gpt-5", max_tokens=10**9)), None) is None
     no_length = ServedModels({"student": None}, "student")
-    assert check_served(validate_chat(chat(max_tokens=10**9)), no_length) is None  # type: ignore[arg-type]
+    assert check_served(validate_chat(chat(max_tokens=10**9)), no_length) is None
 
 
 @pytest.mark.parametrize(

@@ -46,13 +46,13 @@ def test_the_first_signal_decides_the_exit_code(
 def test_a_signal_before_the_gateway_runs_stops_it_when_attached(stop: StopSignals) -> None:
     stop.handle(signal.SIGTERM)
     server = FakeServer()
-    stop.attach(server)  # type: ignore[arg-type]  # the two attributes StopSignals uses
+    stop.attach(server)  # a stand-in with the two attributes StopSignals uses
     assert server.should_exit and server.cuts == 0
 
 
 def test_while_serving_the_first_signal_drains_and_a_second_ctrl_c_cuts_the_drain(stop: StopSignals) -> None:
     server = FakeServer()
-    stop.attach(server)  # type: ignore[arg-type]
+    stop.attach(server)
     assert not server.should_exit
     stop.handle(signal.SIGTERM)
     assert server.should_exit and server.cuts == 0

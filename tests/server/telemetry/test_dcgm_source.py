@@ -60,7 +60,7 @@ class Clock:
 
 
 def source(*answers: str | Exception, gpus: tuple[str, ...] = (), **options: object) -> DcgmExporterSource:
-    return DcgmExporterSource(ExporterTarget(URL, gpus), fetch=Scripted(*answers), clock=Clock(), **options)  # type: ignore[arg-type]
+    return DcgmExporterSource(ExporterTarget(URL, gpus), fetch=Scripted(*answers), clock=Clock(), **options)
 
 
 def scrape(gpu0_mj: int, gpu1_mj: int, gpu0_w: float = 312.457, gpu1_w: float = 69.328) -> str:
@@ -273,7 +273,7 @@ def test_a_gpu_with_a_counter_beside_one_without_falls_back_to_power() -> None:
         ("<html><body>It works!</body></html>", "is not Prometheus metrics (invalid metric name"),
         ("# HELP node_load1 1m load average.\n# TYPE node_load1 gauge\nnode_load1 0.21\n",
          "lists no GPU with DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION or DCGM_FI_DEV_POWER_USAGE"),
-        (urllib.error.HTTPError(URL, 404, "Not Found", None, None), "unreachable: it answered HTTP 404"),  # type: ignore[arg-type]
+        (urllib.error.HTTPError(URL, 404, "Not Found", None, None), "unreachable: it answered HTTP 404"),
         (TimeoutError("timed out"), "unreachable: no answer within 2 s"),
         (urllib.error.URLError(OSError(-2, "Name or service not known")), "unreachable: Name or service not known"),
     ],

@@ -412,7 +412,7 @@ def test_a_request_that_finished_before_the_update_leaves_its_share_unattributed
 
 def test_a_networked_source_that_fails_is_still_sampled_and_its_requests_followed() -> None:
     source = _FailingSource(good_reads=2)
-    source.networked = True  # type: ignore[attr-defined]
+    source.networked = True
     meter = EnergyMeter(source, idle_w=0.0, sample_hz=1000.0)
     meter.start()
     try:
@@ -459,7 +459,7 @@ def _snapshot(
         status, reason, "dcgm" if status == "ok" else "unavailable", total_j,
         total_j / 2 if known else None, total_j / 4 if known else None, total_j / 2 if known else None,
         total_j / 4 if known else None, power_w if known else None, 5.0 if known else None, False, 1, 10, 0, 1,
-    )  # type: ignore[arg-type]  # fmt: skip
+    )  # fmt: skip
 
 
 def test_one_meter_is_shown_as_it_is() -> None:

@@ -34,13 +34,13 @@ class FakeNvml:
         self.fail_all_sets_after = fail_all_sets_after
         self.sets = 0
 
-    def nvmlDeviceGetPowerManagementLimit(self, handle: int) -> int:  # noqa: N802
+    def nvmlDeviceGetPowerManagementLimit(self, handle: int) -> int:  # noqa: N802  pynvml's name
         return self.limits_mw[handle]
 
-    def nvmlDeviceGetPowerManagementLimitConstraints(self, handle: int) -> tuple[int, int]:  # noqa: N802
+    def nvmlDeviceGetPowerManagementLimitConstraints(self, handle: int) -> tuple[int, int]:  # noqa: N802  pynvml's name
         return 150_000, 600_000
 
-    def nvmlDeviceSetPowerManagementLimit(self, handle: int, limit_mw: int) -> None:  # noqa: N802
+    def nvmlDeviceSetPowerManagementLimit(self, handle: int, limit_mw: int) -> None:  # noqa: N802  pynvml's name
         self.sets += 1
         if handle in self.fail_set_on:
             raise self.NVMLError_NoPermission("Insufficient Permissions")

@@ -45,8 +45,8 @@ class Counted:
 
     def add(self, usage: object) -> None:
         self.requests += 1
-        self.prompt_tokens += usage.prompt_tokens  # type: ignore[attr-defined]
-        self.completion_tokens += usage.completion_tokens  # type: ignore[attr-defined]
+        self.prompt_tokens += usage.prompt_tokens
+        self.completion_tokens += usage.completion_tokens
 
 
 def run_workload(base_url: str, max_tokens: int = 12, extra: dict | None = None) -> Counted:
@@ -254,7 +254,7 @@ def test_a_request_is_attributed_to_the_meter_of_the_replica_that_served_it(tmp_
             assert sink is not None
             sink(5)
         retried.upstream = R2  # R1 refused the connection: the proxy tried R2, which answers
-        recorder.token_sink(retried)(15)  # type: ignore[misc]
+        recorder.token_sink(retried)(15)
         for meter in (first, second):
             meter.tick(meter.source.read())  # R2's 40 J: 5 tokens to one, 15 to the other; R1's 100 J to nobody
         for record in (on_r2, retried):

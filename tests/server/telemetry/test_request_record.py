@@ -21,7 +21,7 @@ DONE = b"data: [DONE]\n\n"
 
 
 def record(**kwargs: object) -> RequestRecord:
-    return RequestRecord("/v1/chat/completions", "http://up", True, **kwargs)  # type: ignore[arg-type]
+    return RequestRecord("/v1/chat/completions", "http://up", True, **kwargs)
 
 
 def test_streams_ask_upstream_for_usage_keeping_other_options() -> None:
