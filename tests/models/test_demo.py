@@ -131,15 +131,19 @@ def test_out_replaces_only_demo_builds_unless_forced(
 
 
 def test_retrain_makes_a_bf16_adapter_with_its_record(smollm2_base: Path, tmp_path: Path) -> None:
-    """The retrain path end to end, shortened to 2 steps of 2 chats (the real one takes an hour here)."""
+    """The retrain path end to end, shortened to 2 steps of 2 chats and validated on 1 % of the chats
+    (the real one takes an hour here)."""
     short = replace(DEMO_TRAINING, epochs=None, steps=2, batch_size=2, max_length=96, log_every=1)
     messages: list[str] = []
-    adapter = demo.retrain(smollm2_base.parent, tmp_path / "adapter", short, device="cpu", progress=messages.append)
+    adapter = demo.retrain(
+        smollm2_base.parent, tmp_path / "adapter", short, "cpu", messages.append, validation_fraction=0.01
+    )
     assert sorted(path.name for path in adapter.iterdir()) == sorted(ADAPTER_FILES)
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
     record = json.loads((adapter / TRAINING_RECORD).read_text())
     assert record["train"]["steps"] == 2 and record["stored_dtype"] == "bfloat16"
     assert record["validation_loss"]["before"] > 0
+    assert 0 < record["validation"]["samples"] < 0.02 * (record["data"]["samples"] + record["validation"]["samples"])
     assert any("training and" in message and "validation chats" in message for message in messages)
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == base_model.MODEL_NAME
