@@ -522,9 +522,13 @@ def compare_counter_and_instant(readings: Sequence[Reading]) -> dict[str, Any]:
     usable = [(r.time_s, r.energy_j, r.power_w) for r in readings if r.energy_j is not None and r.power_w is not None]
     if len(usable) < 3:
         raise ValueError(f"only {len(usable)} readings with both counter and power")
-    duration_s = usable[-1][0] - usable[0][0]
-    counter_j = usable[-1][1] - usable[0][1]
-    integral_j = math.fsum((a_w + b_w) / 2 * (b_s - a_s) for (a_s, _, a_w), (b_s, _, b_w) in itertools.pairwise(usable))
+    times_s = [time_s for time_s, _, _ in usable]
+    energies_j = [energy_j for _, energy_j, _ in usable]
+    powers_w = [power_w for _, _, power_w in usable]
+    duration_s = times_s[-1] - times_s[0]
+    counter_j = energies_j[-1] - energies_j[0]
+    power_series = list(zip(times_s, powers_w, strict=True))
+    integral_j = math.fsum((p0 + p1) / 2 * (t1 - t0) for (t0, p0), (t1, p1) in itertools.pairwise(power_series))
     return {
         "readings": len(usable),
         "duration_s": duration_s,
@@ -534,9 +538,9 @@ def compare_counter_and_instant(readings: Sequence[Reading]) -> dict[str, Any]:
         "counter_mean_w": counter_j / duration_s if duration_s else None,
         "instant_mean_w": integral_j / duration_s if duration_s else None,
         "diff_pct": 100.0 * (integral_j - counter_j) / counter_j if counter_j > 0 else None,
-        "counter_resets": sum(1 for (_, a_j, _), (_, b_j, _) in itertools.pairwise(usable) if b_j < a_j),
-        "counter": _changes([(time_s, energy_j) for time_s, energy_j, _ in usable]),
-        "instant": _changes([(time_s, power_w) for time_s, _, power_w in usable]),
+        "counter_resets": sum(1 for a_j, b_j in itertools.pairwise(energies_j) if b_j < a_j),
+        "counter": _changes(list(zip(times_s, energies_j, strict=True))),
+        "instant": _changes(power_series),
     }
 
 
