@@ -1,6 +1,6 @@
 """`student dataset check`: is a chat JSONL file fit for LoRA training; a stable train/validation split.
 
-The input is the chat "messages" JSONL that `models.train.load_chat_jsonl` reads; rows may carry
+The input is the chat "messages" JSONL that `models.chat_data.load_chat_jsonl` reads; rows may carry
 extra keys, of which `task` (any name; `student distill` writes `response`, `cot`, `summary`,
 `qa`, `classify`, `extract`; rows without one count as task "(none)") and `reasoning` are used.
 Lines are numbered from 1, counting blank ones, ending at "\\n" only.
@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from models.train import ChatSample, DatasetError, parse_chat_sample
+from models.chat_data import ChatSample, DatasetError, parse_chat_sample
 
 REPORT_FORMAT = "student-dataset-check/1"
 DEFAULT_MIN_PER_TASK = 1000

@@ -41,9 +41,10 @@ from safetensors.torch import load_file, save_file
 
 from models import artifacts, base_model, merge
 from models.artifacts import ArtifactError
+from models.chat_data import DatasetError
 from models.dataset_check import DEFAULT_VALIDATION_FRACTION, CheckError, check_dataset
 from models.merge import MergeError, merge_adapter
-from models.train import DatasetError, Progress, TrainConfig, TrainingError, stderr_progress
+from models.train import Progress, TrainConfig, TrainingError, stderr_progress
 from models.train_lora import LORA_TARGETS, TRAINING_RECORD, LoraSettings, train_lora
 
 DATA_DIR = Path(__file__).resolve().parent / "data"

@@ -51,17 +51,14 @@ from transformers.pytorch_utils import Conv1D
 
 from models import artifacts, merge
 from models.arguments import positive_float, positive_int
+from models.chat_data import ChatSample, DatasetError, Message, load_chat_jsonl
 from models.merge import MergeError
 from models.train import (
-    ChatSample,
     Checkpointing,
-    DatasetError,
-    Message,
     Progress,
     TrainConfig,
     TrainingError,
     evaluate_loss,
-    load_chat_jsonl,
     stderr_progress,
     total_steps,
     train_causal_lm,

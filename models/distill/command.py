@@ -26,7 +26,7 @@ Three modes, after the distillation article this project follows:
 Output folder (`--out`):
 
 - `samples.jsonl`: one object per line, `{"messages": [...], "task", "topic", "id", ...}`, which
-  `models.train.load_chat_jsonl` reads as is (extra keys are ignored there), in the order the
+  `models.chat_data.load_chat_jsonl` reads as is (extra keys are ignored there), in the order the
   replies came back (concurrency), not plan order; `finish_reason` says whether a reply was cut.
 - `questions.jsonl` (response/cot): the generated questions, so a resumed run answers the same ones.
 - `plan.json`: what defines the run (mode, teacher URL and model, generation settings, inputs, the

@@ -10,20 +10,17 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+from models.chat_data import ChatSample, DatasetError, Message, load_chat_jsonl
 from models.demo import DATASET_FILE
 from models.tiny import llama_config
 from models.train import (
     IGNORE_INDEX,
-    ChatSample,
-    DatasetError,
-    Message,
     TrainConfig,
     TrainingError,
     TrainResult,
     batch_order,
     collate,
     encode_sample,
-    load_chat_jsonl,
     lr_factor,
     total_steps,
     train_causal_lm,

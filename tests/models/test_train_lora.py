@@ -13,20 +13,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from models import train_lora
+from models.chat_data import ChatSample, Message, load_chat_jsonl
 from models.demo import DATASET_FILE
 from models.distill.command import sample_row
 from models.distill.plan import PlannedSample
 from models.distill.teacher import ChatReply
 from models.merge import load_meta_base, merge_adapter
-from models.train import (
-    ChatSample,
-    Message,
-    TrainConfig,
-    collate,
-    encode_samples,
-    evaluate_loss,
-    load_chat_jsonl,
-)
+from models.train import TrainConfig, collate, encode_samples, evaluate_loss
 from models.train_lora import LORA_TARGETS, TRAINING_RECORD, LoraSettings, TrainLoraResult
 from server.runtime import cli
 from tests.models.helpers import chat_ids, logits_of

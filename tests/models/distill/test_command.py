@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from models.chat_data import load_chat_jsonl
 from models.distill import command as distill
 from models.distill.command import DEFAULT_DOCUMENTS_DIR, DEFAULT_TOPICS_FILE, sample_row
 from models.distill.output import OutputFolder
@@ -38,7 +39,6 @@ from models.distill.plan import (
 )
 from models.distill.prompts import TASK_SYSTEM_PROMPTS, SplitReply, extract_label, parse_questions, split_reasoning
 from models.distill.teacher import ChatReply, RetryPolicy, TeacherClient, TeacherConfig, TeacherReplyError
-from models.train import load_chat_jsonl
 from tests.conftest import STACK_ARGS
 from tests.models.distill.test_teacher import completion, ok, scripted_teacher, status
 from tests.support import STUDENT, VLLM_READY_TIMEOUT_S, Stack, http_get, running_stack, wait_for
