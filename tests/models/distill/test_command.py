@@ -39,9 +39,8 @@ from models.distill.plan import (
 )
 from models.distill.prompts import TASK_SYSTEM_PROMPTS, SplitReply, extract_label, parse_questions, split_reasoning
 from models.distill.teacher import ChatReply, RetryPolicy, TeacherClient, TeacherConfig, TeacherReplyError
-from tests.conftest import STACK_ARGS
 from tests.models.distill.test_teacher import completion, ok, scripted_teacher, status
-from tests.support import STUDENT, VLLM_READY_TIMEOUT_S, Stack, http_get, running_stack, wait_for
+from tests.support import STUDENT, Stack, http_get, running_stack, wait_for
 
 RATE_LIMIT_RPM = 60
 KEYS = {
@@ -310,12 +309,13 @@ def test_bad_inputs_fail_clearly_without_a_teacher(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """`student serve` on the tiny model, with one API key per test and a per-key rate limit."""
+def teacher(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A gateway of its own, with one API key per test and a per-key rate limit, in front of the
+    session's vLLM on the tiny model (started with the same STACK_ARGS)."""
     env = {"STUDENT_API_KEYS": ",".join(f"{name}={key}" for name, key in KEYS.items())}
-    args = ["--model", str(tiny_model_dir), *STACK_ARGS, "--rate-limit-rpm", str(RATE_LIMIT_RPM)]
+    args = ["--upstream", stack.vllm_url, "--rate-limit-rpm", str(RATE_LIMIT_RPM)]
     log_path = tmp_path_factory.mktemp("teacher") / "serve.log"
-    with running_stack(args, log_path, env, ready_timeout_s=VLLM_READY_TIMEOUT_S) as running:
+    with running_stack(args, log_path, env) as running:
         yield running
 
 
