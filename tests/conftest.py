@@ -25,8 +25,8 @@ TOKENIZER_TEXTS = [
 # Small enough to start fast; max_num_seqs=2 lets a test fill every slot and queue a third request.
 # A 4096-token context lets a "long" request run for seconds even on an idle machine.
 # --enforce-eager: vLLM skips torch.compile, which took 17 s of each tiny model's 43 s start-up on
-# 2 cores; the tests are about the gateway, not vLLM's kernels (the demo student starts vLLM with
-# its defaults).
+# 2 cores; the tests are about the gateway, not vLLM's kernels (one SIGTERM test in
+# tests/server/runtime/test_vllm_supervisor.py starts vLLM with its defaults).
 STACK_ARGS = [
     "--max-model-len", "4096", "--kv-cache-gib", "1", "--max-num-seqs", "2", "--dtype", "float32",
     "--vllm-arg=--enforce-eager",
