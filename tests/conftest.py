@@ -1,9 +1,9 @@
 """Session-wide real parts: a tiny locally built model and one running stack (vLLM + gateway).
 
 End-to-end tests are marked `e2e` automatically, from the fixtures they use (`E2E_FIXTURES`): a
-real model, vLLM, a gateway process, a browser or Prometheus. Tests that train a model or run a
-`student` command on one carry `@pytest.mark.e2e` themselves. `pytest -m "not e2e"` runs the
-unit tests alone, in under a minute.
+real model, vLLM, a gateway process, a browser or Prometheus. Tests that train a model, run a
+`student` command on one, or start a gateway process of their own carry `@pytest.mark.e2e`
+themselves. `pytest -m "not e2e"` runs the unit tests alone, in under a minute.
 """
 
 from __future__ import annotations

@@ -107,6 +107,7 @@ def test_stream_broken_upstream_ends_with_error_event_and_done(gateway_to_broken
     assert events[3:] == [b"data: [DONE]\n\n"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stream", [False, True])
 def test_connection_reset_before_any_answer_is_503_with_retry_after(tmp_path, stream: bool) -> None:
     with gateway_in_front_of(ResetsBeforeAnswering, tmp_path) as gateway:
@@ -121,6 +122,7 @@ def test_connection_reset_before_any_answer_is_503_with_retry_after(tmp_path, st
     assert "no healthy replica" not in error["message"]  # the reset itself, not a failed health check
 
 
+@pytest.mark.e2e
 def test_a_client_reading_slowly_is_not_taken_for_a_silent_upstream(tmp_path) -> None:
     """While the client does not read, the gateway stops reading upstream (back-pressure); that
     pause is the client's, so it must not trip the stream timeouts (1 s here)."""
