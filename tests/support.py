@@ -287,7 +287,7 @@ def uvicorn_in_thread(app: Any, port: int, **config: Any) -> Iterator[uvicorn.Se
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        assert wait_for(lambda: server.started, 30), "the in-process server did not start"
+        assert wait_for(lambda: server.started, 30, interval_s=0.01), "the in-process server did not start"
         yield server
     finally:
         server.should_exit = True
