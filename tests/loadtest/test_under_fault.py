@@ -198,7 +198,12 @@ def test_a_vllm_crash_under_steady_load_leaves_clean_errors_a_matching_ledger_an
         assert wait_for(lambda: http_get(f"{stack.url}/ready")[0] == 200, 300, interval_s=1.0), stack.log()[-3000:]
         status, answer = post_json(
             f"{stack.url}{CHAT_URL}",
-            {"model": "student", "max_tokens": 2, "messages": [{"role": "user", "content": "Xin chào"}]},
+            {
+                "model": "student",
+                "max_tokens": 2,
+                "ignore_eos": True,
+                "messages": [{"role": "user", "content": "Xin chào"}],
+            },
         )
         assert status == 200 and answer["usage"]["completion_tokens"] == 2, answer
         assert "exited unexpectedly with code -9" in stack.log()

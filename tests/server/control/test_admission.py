@@ -65,7 +65,9 @@ def test_requests_beyond_the_cap_and_the_line_get_429_and_admitted_ones_finish(s
         assert refused.value.response.headers["Retry-After"] == "1" and "at capacity" in refused.value.message
         # The one that had waited for a slot was answered (200), not refused.
         assert not failures and finished == [ANSWER_TOKENS, ANSWER_TOKENS]
-        status, body = post_json(f"{gateway.url}/v1/completions", {"model": "student", "prompt": "a", "max_tokens": 2})
+        status, body = post_json(
+            f"{gateway.url}/v1/completions", {"model": "student", "prompt": "a", "max_tokens": 2, "ignore_eos": True}
+        )
         assert status == 200 and body["usage"]["completion_tokens"] == 2  # capacity is back
         assert admission(gateway)["answering"] == admission(gateway)["waiting"] == 0
 

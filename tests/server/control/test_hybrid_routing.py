@@ -220,7 +220,7 @@ def test_each_rule_sends_to_the_right_upstream(hybrid: Stack, remote: Stack) -> 
     ]
     before = len(remote_rows(remote))
     for headers, body, expected in cases:
-        status, answer_headers, answer = send(hybrid.url, {**body, "max_tokens": 4}, headers)
+        status, answer_headers, answer = send(hybrid.url, {**body, "max_tokens": 4, "ignore_eos": True}, headers)
         assert status == 200, answer
         assert route_of(answer_headers) == expected, body
         if body.get("stream"):
@@ -302,7 +302,9 @@ def test_fallback_to_remote_when_local_is_down(stack: Stack, remote: Stack, tmp_
         # /ready checks the local replicas now: once it says 503, the local one is out.
         assert wait_for(lambda: _status(f"{gateway.url}/ready") == 503, 60), gateway.log()
         before = len(remote_rows(remote))
-        status, headers, body = send(gateway.url, chat_payload("Đơn hàng của tôi đang ở đâu?", max_tokens=3))
+        status, headers, body = send(
+            gateway.url, chat_payload("Đơn hàng của tôi đang ở đâu?", max_tokens=3, ignore_eos=True)
+        )
         assert status == 200 and route_of(headers) == ("remote", "fallback:not-ready")
         assert json.loads(body)["usage"]["completion_tokens"] == 3
         assert len(remote_rows(remote)) == before + 1

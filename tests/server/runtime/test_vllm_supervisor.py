@@ -127,7 +127,8 @@ def test_gateway_survives_a_vllm_crash_and_vllm_comes_back_by_itself(tiny_model_
         assert status == 503 and answer["error"]["type"] == "service_unavailable"
 
         assert wait_for(lambda: http_get(f"{stack.url}/ready")[0] == 200, 300, interval_s=1.0), stack.log()[-3000:]
-        status, answer = post_json(f"{stack.url}/v1/completions", {"model": "student", "prompt": "hi", "max_tokens": 2})
+        body = {"model": "student", "prompt": "hi", "max_tokens": 2, "ignore_eos": True}
+        status, answer = post_json(f"{stack.url}/v1/completions", body)
         assert status == 200 and answer["usage"]["completion_tokens"] == 2
         assert wait_for(lambda: "back after restart 1" in stack.log(), 5)  # the watcher polls /health each second
         assert stack.stop() == 0
